@@ -1,0 +1,114 @@
+"""The `scenemint` command line: run the service, run the demo upstream, audit credits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Annotated
+
+import typer
+
+from .config import Settings
+
+app = typer.Typer(
+    help="SceneMint: a credit-limited gateway for AI image generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+credits_app = typer.Typer(help="Credits: balance and check-in, and the server-side audit.")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Listen address (env HOST).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (env PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Start with a local demo upstream (no account, no AI).")
+    ] = False,
+) -> None:
+    """Run the web service."""
+    import uvicorn
+
+    from .logs import configure_logging
+    from .web.app import create_app
+
+    settings = Settings()
+    if host is not None or port is not None:
+        settings = settings.model_copy(
+            update={
+                "host": host if host is not None else settings.host,
+                "port": port if port is not None else settings.port,
+            }
+        )
+    configure_logging(settings)
+    if workers > 1 and demo:
+        raise typer.BadParameter("--demo runs one process: its demo upstream lives inside it")
+    if workers > 1:
+        # each worker builds its own app (and its own upstream pool) from the environment
+        os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
+    target: object = (
+        "scenemint.web.app:create_app_from_env" if workers > 1 else create_app(settings, demo=demo)
+    )
+    uvicorn.run(
+        target,  # type: ignore[arg-type]
+        factory=workers > 1,
+        workers=workers,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+
+
+@app.command("demo-upstream")
+def demo_upstream(
+    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Listen port.")] = 3200,
+    api_key: Annotated[
+        str | None, typer.Option(help="Require this bearer key (default: accept any).")
+    ] = None,
+) -> None:
+    """Serve a local DEMO of the chatgpt2api protocol: drawn images, rule-based rewrites."""
+    from .demo import run_demo_upstream
+    from .logs import configure_logging
+
+    configure_logging(Settings())
+    run_demo_upstream(host=host, port=port, api_key=api_key)
+
+
+@credits_app.command("audit")
+def credits_audit() -> None:
+    """Check every balance against the journal; exit 1 on any violation."""
+    from .store import open_store
+
+    async def run() -> bool:
+        store = await open_store(Settings())
+        try:
+            report = await store.audit()
+        finally:
+            await store.close()
+        states = ", ".join(f"{k} {v}" for k, v in sorted(report.tasks_by_state.items())) or "none"
+        typer.echo(
+            f"accounts {report.accounts}, tasks {report.tasks} ({states})\n"
+            f"granted {report.grants}, charged {report.charges}, refunded {report.refunds}"
+        )
+        for violation in report.violations:
+            typer.echo(f"VIOLATION: {violation}", err=True)
+        typer.echo(
+            "audit passed" if report.ok else f"audit FAILED: {len(report.violations)} violation(s)"
+        )
+        return report.ok
+
+    if not asyncio.run(run()):
+        raise typer.Exit(1)
+
+
+app.add_typer(credits_app, name="credits")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,176 @@
+"""Settings: read once from the environment (and `.env`), validated, then passed around.
+
+Upstream variables keep the names the original service used (`CHATGPT2API_*`,
+`HOST`, `PORT`); everything of our own has the `SCENEMINT_` prefix.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Field names are what code uses; aliases are the env names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        populate_by_name=True,
+        frozen=True,
+    )
+
+    # -- upstream (chatgpt2api) ------------------------------------------------
+    upstream_base_url: str | None = Field(None, validation_alias=_env("CHATGPT2API_BASE_URL"))
+    upstream_api_key: SecretStr | None = Field(None, validation_alias=_env("CHATGPT2API_API_KEY"))
+    image_model: str = Field("gpt-image-2", validation_alias=_env("CHATGPT2API_IMAGE_MODEL"))
+    prompt_model: str = Field("gpt-5.5", validation_alias=_env("CHATGPT2API_PROMPT_MODEL"))
+
+    # -- listening -------------------------------------------------------------
+    host: str = Field("127.0.0.1", validation_alias=_env("HOST"))
+    port: int = Field(3000, ge=0, le=65535, validation_alias=_env("PORT"))
+
+    # -- storage ---------------------------------------------------------------
+    data_dir: Path = Field(Path("data"), validation_alias=_env("SCENEMINT_DATA_DIR"))
+    database_url: str | None = Field(
+        None, repr=False, validation_alias=_env("SCENEMINT_DATABASE_URL")
+    )
+    quota_timezone: str = Field("UTC", validation_alias=_env("SCENEMINT_QUOTA_TIMEZONE"))
+
+    # -- upstream connection: separate timeouts per kind of call (seconds) ------
+    connect_timeout: float = Field(5.0, gt=0, validation_alias=_env("SCENEMINT_CONNECT_TIMEOUT"))
+    submit_timeout: float = Field(60.0, gt=0, validation_alias=_env("SCENEMINT_SUBMIT_TIMEOUT"))
+    poll_timeout: float = Field(10.0, gt=0, validation_alias=_env("SCENEMINT_POLL_TIMEOUT"))
+    image_timeout: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_IMAGE_TIMEOUT"),
+        description="time to the first byte of an image, and the longest gap between chunks",
+    )
+    stream_idle_timeout: float = Field(
+        120.0, gt=0, validation_alias=_env("SCENEMINT_STREAM_IDLE_TIMEOUT")
+    )
+    stream_ping_interval: float = Field(
+        15.0, gt=0, validation_alias=_env("SCENEMINT_STREAM_PING_INTERVAL")
+    )
+    upstream_pool_size: int = Field(
+        100, ge=1, validation_alias=_env("SCENEMINT_UPSTREAM_POOL_SIZE")
+    )
+
+    # -- polling and reconciliation ------------------------------------------------
+    poll_batch_size: int = Field(
+        50, ge=1, le=500, validation_alias=_env("SCENEMINT_POLL_BATCH_SIZE")
+    )
+    poll_min_interval: float = Field(
+        0.5,
+        ge=0,
+        validation_alias=_env("SCENEMINT_POLL_MIN_INTERVAL"),
+        description="a task is asked upstream at most once per this many seconds",
+    )
+    reconcile_interval: float = Field(
+        30.0, gt=0, validation_alias=_env("SCENEMINT_RECONCILE_INTERVAL")
+    )
+    task_max_age: float = Field(1800.0, gt=0, validation_alias=_env("SCENEMINT_TASK_MAX_AGE"))
+    resubmit_window: float = Field(
+        600.0,
+        ge=0,
+        validation_alias=_env("SCENEMINT_RESUBMIT_WINDOW"),
+        description="a submission whose outcome is unknown is resubmitted while younger than this",
+    )
+
+    # -- limits ------------------------------------------------------------------
+    max_prompt_chars: int = Field(4000, ge=1, validation_alias=_env("SCENEMINT_MAX_PROMPT_CHARS"))
+    max_reference_bytes: int = Field(
+        10 * MiB, ge=1, validation_alias=_env("SCENEMINT_MAX_REFERENCE_BYTES")
+    )
+    max_json_bytes: int = Field(64 * 1024, ge=1, validation_alias=_env("SCENEMINT_MAX_JSON_BYTES"))
+    max_image_bytes: int = Field(50 * MiB, ge=1, validation_alias=_env("SCENEMINT_MAX_IMAGE_BYTES"))
+    image_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=_env("SCENEMINT_IMAGE_HOSTS"),
+        description="extra origins (scheme://host[:port]) images may be proxied from",
+    )
+
+    # -- logging -----------------------------------------------------------------
+    log_level: str = Field("INFO", validation_alias=_env("SCENEMINT_LOG_LEVEL"))
+    log_format: Literal["text", "json"] = Field(
+        "text", validation_alias=_env("SCENEMINT_LOG_FORMAT")
+    )
+
+    @field_validator("upstream_base_url", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("image_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("quota_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        timezone_of(value)  # fail fast on a typo, not on the first check-in
+        return value
+
+    # -- derived values ------------------------------------------------------------
+    @property
+    def upstream_root(self) -> str | None:
+        """The task API root: base URL without whitespace, trailing `/` or `/v1`."""
+        return upstream_root(self.upstream_base_url)
+
+    @property
+    def api_key(self) -> str | None:
+        if self.upstream_api_key is None:
+            return None
+        key = self.upstream_api_key.get_secret_value().strip()
+        return key or None
+
+    @property
+    def upstream_configured(self) -> bool:
+        return self.upstream_root is not None and self.api_key is not None
+
+    @property
+    def tz(self) -> dt.tzinfo:
+        return timezone_of(self.quota_timezone)
+
+    def resolved_database_url(self) -> str:
+        """`SCENEMINT_DATABASE_URL`, or the embedded SQLite file in the data directory."""
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'scenemint.sqlite3').as_posix()}"
+
+
+def upstream_root(base_url: str | None) -> str | None:
+    if base_url is None:
+        return None
+    root = base_url.strip().rstrip("/")
+    if root.endswith("/v1"):
+        root = root[: -len("/v1")].rstrip("/")
+    return root or None
+
+
+def timezone_of(name: str) -> dt.tzinfo:
+    # UTC needs no tz database, so the default works even where tzdata is absent.
+    if name.strip().upper() in {"UTC", "Z", "ETC/UTC"}:
+        return dt.UTC
+    try:
+        return ZoneInfo(name.strip())
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown timezone {name!r}") from exc

@@ -1,0 +1,36 @@
+"""Credits and the task ledger: the `Store` interface and its SQL implementation."""
+
+from __future__ import annotations
+
+from ..config import Settings
+from .base import (
+    CAP,
+    DAILY_GRANT,
+    AuditReport,
+    Charge,
+    LedgerTask,
+    NewTask,
+    QuotaStatus,
+    QuotaStore,
+    Store,
+)
+from .sql import SQLStore
+
+__all__ = [
+    "CAP",
+    "DAILY_GRANT",
+    "AuditReport",
+    "Charge",
+    "LedgerTask",
+    "NewTask",
+    "QuotaStatus",
+    "QuotaStore",
+    "SQLStore",
+    "Store",
+    "open_store",
+]
+
+
+async def open_store(settings: Settings) -> SQLStore:
+    """The store named by the settings: PostgreSQL by URL, else SQLite in the data directory."""
+    return await SQLStore.open(settings.resolved_database_url(), tz=settings.tz)

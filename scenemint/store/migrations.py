@@ -1,0 +1,78 @@
+"""Versioned schema migrations, applied at start-up in order, each exactly once.
+
+Each migration is a list of statements; `{serial}` and `{real}` are filled per dialect.
+Never edit a released migration: add a new one.
+"""
+
+from __future__ import annotations
+
+_TYPES = {
+    "sqlite": {"serial": "INTEGER PRIMARY KEY AUTOINCREMENT", "real": "REAL"},
+    "postgresql": {"serial": "BIGSERIAL PRIMARY KEY", "real": "DOUBLE PRECISION"},
+}
+
+_V1 = [
+    """CREATE TABLE accounts (
+        fingerprint TEXT PRIMARY KEY,
+        balance INTEGER NOT NULL CHECK (balance >= 0),
+        last_check_in TEXT,
+        created_at {real} NOT NULL,
+        updated_at {real} NOT NULL
+    )""",
+    """CREATE TABLE tasks (
+        id TEXT PRIMARY KEY,
+        fingerprint TEXT NOT NULL,
+        mode TEXT NOT NULL,
+        prompt TEXT NOT NULL,
+        size TEXT NOT NULL,
+        state TEXT NOT NULL,
+        refunded INTEGER NOT NULL DEFAULT 0,
+        image_url TEXT,
+        revised_prompt TEXT,
+        error TEXT,
+        reference_path TEXT,
+        reference_name TEXT,
+        reference_type TEXT,
+        upstream_created_at TEXT,
+        upstream_updated_at TEXT,
+        created_at {real} NOT NULL,
+        updated_at {real} NOT NULL
+    )""",
+    "CREATE INDEX tasks_unfinished ON tasks (created_at)"
+    " WHERE state IN ('submitting', 'queued', 'running')",
+    """CREATE TABLE journal (
+        id {serial},
+        fingerprint TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('grant', 'charge', 'refund')),
+        amount INTEGER NOT NULL CHECK (amount > 0),
+        task_id TEXT,
+        created_at {real} NOT NULL
+    )""",
+    "CREATE INDEX journal_fingerprint ON journal (fingerprint)",
+    # the last line of defence for "exactly once"
+    "CREATE UNIQUE INDEX journal_one_charge ON journal (task_id) WHERE kind = 'charge'",
+    "CREATE UNIQUE INDEX journal_one_refund ON journal (task_id) WHERE kind = 'refund'",
+]
+
+_APPEND_ONLY = {
+    "sqlite": [
+        "CREATE TRIGGER journal_no_update BEFORE UPDATE ON journal"
+        " BEGIN SELECT RAISE(ABORT, 'journal is append-only'); END",
+        "CREATE TRIGGER journal_no_delete BEFORE DELETE ON journal"
+        " BEGIN SELECT RAISE(ABORT, 'journal is append-only'); END",
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION journal_append_only() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN RAISE EXCEPTION 'journal is append-only'; END $$",
+        "CREATE TRIGGER journal_append_only BEFORE UPDATE OR DELETE ON journal"
+        " FOR EACH STATEMENT EXECUTE FUNCTION journal_append_only()",
+    ],
+}
+
+
+def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
+    types = _TYPES[dialect]
+    return [
+        (1, [statement.format(**types) for statement in _V1]),
+        (2, list(_APPEND_ONLY[dialect])),
+    ]

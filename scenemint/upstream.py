@@ -1,0 +1,399 @@
+"""All HTTP to chatgpt2api lives here: one pooled aiohttp session, one place that translates
+aiohttp's errors into ours, one place that logs upstream calls.
+
+Every request to the upstream's own origin carries `Authorization: Bearer <key>`. The key
+never goes to any other origin (an image host), and never into a log line or an error:
+`_redact` scrubs it from anything we log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from yarl import URL
+
+from .config import Settings
+from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .models import TaskListing, UpstreamTask
+
+log = logging.getLogger("scenemint.upstream")
+
+_LOGGED_BODY_CHARS = 300
+_MAX_JSON_BYTES = 8 * 1024 * 1024  # an upstream answer larger than this is not a task listing
+_MAX_REDIRECTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class ImageResponse:
+    """An open upstream image download; the caller iterates `chunks` and the context closes it."""
+
+    content_type: str | None
+    content_length: int | None
+    chunks: AsyncIterator[bytes]
+
+
+def origin_of(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return None
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
+
+
+class UpstreamClient:
+    """The chatgpt2api client: submit, list, download, stream. `open()` it, `close()` it."""
+
+    def __init__(self, *, settings: Settings, session: aiohttp.ClientSession) -> None:
+        root, key = settings.upstream_root, settings.api_key
+        if root is None or key is None:
+            raise ValueError("the upstream base URL and key are both required")
+        self._settings = settings
+        self._session = session
+        self.root = root
+        self._key = key
+        self._origin = origin_of(root)
+        self._image_origins = {self._origin} | {origin_of(h) for h in settings.image_hosts}
+        self._image_origins.discard(None)
+
+    @classmethod
+    def open(cls, settings: Settings) -> UpstreamClient:
+        """One pooled keep-alive session for the whole process (create inside a running loop)."""
+        connector = aiohttp.TCPConnector(
+            limit=settings.upstream_pool_size,
+            keepalive_timeout=30,
+            ttl_dns_cache=300,
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            trust_env=False,
+            auto_decompress=True,
+        )
+        return cls(settings=settings, session=session)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    # -- the task API ------------------------------------------------------------
+
+    async def submit_generation(self, *, task_id: str, prompt: str, size: str) -> UpstreamTask:
+        body = {
+            "client_task_id": task_id,
+            "prompt": prompt,
+            "model": self._settings.image_model,
+            "size": size,
+        }
+        data = json.dumps(body, ensure_ascii=False).encode()
+        answer = await self._call_json(
+            "POST",
+            "/api/image-tasks/generations",
+            data=data,
+            content_type="application/json",
+            limits=self._submit_timeout(),
+        )
+        return self._task(answer, expected_id=task_id)
+
+    async def submit_edit(
+        self,
+        *,
+        task_id: str,
+        prompt: str,
+        size: str,
+        image: bytes,
+        filename: str,
+        content_type: str,
+    ) -> UpstreamTask:
+        fields = {
+            "client_task_id": task_id,
+            "prompt": prompt,
+            "model": self._settings.image_model,
+            "size": size,
+        }
+        body, multipart_type = encode_multipart(
+            fields, file_field="image", filename=filename, content_type=content_type, data=image
+        )
+        answer = await self._call_json(
+            "POST",
+            "/api/image-tasks/edits",
+            data=body,
+            content_type=multipart_type,
+            limits=self._submit_timeout(),
+        )
+        return self._task(answer, expected_id=task_id)
+
+    async def list_tasks(self, ids: list[str]) -> TaskListing:
+        path = "/api/image-tasks?ids=" + ",".join(quote(i, safe="") for i in ids)
+        answer = await self._call_json(
+            "GET",
+            path,
+            limits=aiohttp.ClientTimeout(
+                total=self._settings.poll_timeout, sock_connect=self._settings.connect_timeout
+            ),
+        )
+        try:
+            return TaskListing.from_json(answer)
+        except ValueError as exc:
+            raise self._fail("list", f"unexpected listing: {exc}", ambiguous=True) from exc
+
+    async def check(self) -> None:
+        """A cheap authenticated call, for readiness: raises when the upstream cannot serve us."""
+        await self._call_json(
+            "GET",
+            "/v1/models",
+            limits=aiohttp.ClientTimeout(
+                total=self._settings.poll_timeout, sock_connect=self._settings.connect_timeout
+            ),
+        )
+
+    # -- streams -------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def open_image(self, url: str) -> AsyncIterator[ImageResponse]:
+        """Download an image by URL, following redirects only within allowed origins."""
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self._settings.connect_timeout,
+            sock_read=self._settings.image_timeout,
+        )
+        started = time.perf_counter()
+        response: aiohttp.ClientResponse | None = None
+        with self._translate("image", started, ambiguous_after_send=False):
+            for _ in range(_MAX_REDIRECTS + 1):
+                origin = origin_of(url)
+                if origin is None or origin not in self._image_origins:
+                    raise self._fail("image", f"image origin not allowed: {origin}")
+                headers = self._auth_headers() if origin == self._origin else {}
+                response = await self._session.get(
+                    url, headers=headers, timeout=timeout, allow_redirects=False
+                )
+                if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
+                    url = str(response.url.join(URL(response.headers["Location"])))
+                    response.release()
+                    response = None
+                    continue
+                break
+            if response is None:
+                raise self._fail("image", "too many redirects")
+        try:
+            self._log_call("GET", "image", response.status, started)
+            if response.status >= 300:
+                body = await self._read_some(response)
+                raise self._status_error("image", response.status, body)
+            yield ImageResponse(
+                content_type=response.headers.get("Content-Type"),
+                content_length=response.content_length,
+                chunks=self._image_chunks(response),
+            )
+        finally:
+            # after a full read the connection is already back in the pool; otherwise drop it
+            response.close()
+
+    async def _image_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        with self._translate("image", started, ambiguous_after_send=False):
+            async for chunk in response.content.iter_chunked(64 * 1024):
+                yield chunk
+
+    @asynccontextmanager
+    async def open_chat_stream(
+        self, body: Mapping[str, Any]
+    ) -> AsyncIterator[AsyncIterator[bytes]]:
+        """POST a streaming chat completion; yields an iterator over the raw SSE lines."""
+        timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=self._settings.connect_timeout,
+            sock_read=self._settings.stream_idle_timeout,
+        )
+        started = time.perf_counter()
+        with self._translate("chat", started, ambiguous_after_send=False):
+            response = await self._session.post(
+                self.root + "/v1/chat/completions",
+                data=json.dumps(body, ensure_ascii=False).encode(),
+                headers={
+                    **self._auth_headers(),
+                    "Content-Type": "application/json",
+                    "Accept": "text/event-stream",
+                },
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        try:
+            self._log_call("POST", "/v1/chat/completions", response.status, started)
+            if response.status >= 300:
+                raise self._status_error("chat", response.status, await self._read_some(response))
+            if response.content_type != "text/event-stream":
+                body_start = await self._read_some(response)
+                raise self._fail(
+                    "chat", f"expected text/event-stream, got {response.content_type}: {body_start}"
+                )
+            yield self._lines(response)
+        finally:
+            response.close()
+
+    async def _lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        started = time.perf_counter()
+        with self._translate("chat", started, ambiguous_after_send=False):
+            async for line in response.content:
+                yield line
+
+    # -- the one place aiohttp meets our errors --------------------------------------
+
+    async def _call_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        limits: aiohttp.ClientTimeout,
+        data: bytes | None = None,
+        content_type: str | None = None,
+    ) -> Any:
+        headers = self._auth_headers()
+        if content_type:
+            headers["Content-Type"] = content_type
+        started = time.perf_counter()
+        with self._translate(path, started, ambiguous_after_send=True):
+            async with self._session.request(
+                method,
+                self.root + path,
+                data=data,
+                headers=headers,
+                timeout=limits,
+                allow_redirects=False,
+            ) as response:
+                self._log_call(method, path, response.status, started)
+                if response.status >= 300:
+                    raise self._status_error(path, response.status, await self._read_some(response))
+                raw = await response.content.read(_MAX_JSON_BYTES + 1)
+        if len(raw) > _MAX_JSON_BYTES:
+            raise self._fail(path, "answer too large", ambiguous=True)
+        try:
+            return json.loads(raw)
+        except ValueError as exc:
+            raise self._fail(
+                path, f"invalid JSON: {raw[:_LOGGED_BODY_CHARS]!r}", ambiguous=True
+            ) from exc
+
+    @contextmanager
+    def _translate(
+        self, what: str, started: float, *, ambiguous_after_send: bool
+    ) -> Iterator[None]:
+        """Map aiohttp/asyncio failures to UpstreamError; decide if the request may have landed."""
+        try:
+            yield
+        except UpstreamError:
+            raise
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise self._fail(what, "connect timeout", timeout=True) from exc
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
+            raise self._fail(
+                what,
+                f"timed out after {time.perf_counter() - started:.1f}s",
+                ambiguous=ambiguous_after_send,
+                timeout=True,
+            ) from exc
+        except aiohttp.ClientConnectorError as exc:
+            # refused, unreachable, DNS: nothing was sent
+            raise self._fail(what, f"cannot connect: {type(exc).__name__}") from exc
+        except (aiohttp.ClientError, OSError) as exc:
+            # reset, disconnected, truncated after the request went out
+            raise self._fail(
+                what, f"connection failed: {type(exc).__name__}", ambiguous=ambiguous_after_send
+            ) from exc
+
+    def _status_error(self, what: str, status: int, body: str) -> UpstreamError:
+        if status in (401, 403):
+            log.error(
+                "upstream rejected our key (HTTP %s) on %s: check CHATGPT2API_API_KEY", status, what
+            )
+            return UpstreamUnavailable(detail=f"{what}: HTTP {status}", upstream_status=status)
+        return self._fail(what, f"HTTP {status}: {body}", upstream_status=status)
+
+    def _fail(
+        self,
+        what: str,
+        detail: str,
+        *,
+        ambiguous: bool = False,
+        timeout: bool = False,
+        upstream_status: int | None = None,
+    ) -> UpstreamError:
+        detail = self._redact(f"{what}: {detail}")
+        log.warning("upstream failure: %s", detail)
+        kind = UpstreamTimeout if timeout else UpstreamError
+        return kind(detail=detail, ambiguous=ambiguous, upstream_status=upstream_status)
+
+    async def _read_some(self, response: aiohttp.ClientResponse) -> str:
+        try:
+            raw = await asyncio.wait_for(response.content.read(_LOGGED_BODY_CHARS), timeout=2)
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return "<unreadable body>"
+        return self._redact(raw.decode("utf-8", "replace").strip())
+
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "[redacted]")
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self._key}"}
+
+    def _submit_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(
+            total=self._settings.submit_timeout, sock_connect=self._settings.connect_timeout
+        )
+
+    def _task(self, answer: Any, *, expected_id: str) -> UpstreamTask:
+        try:
+            task = UpstreamTask.from_json(answer)
+        except ValueError as exc:
+            raise self._fail("submit", f"unexpected task: {exc}", ambiguous=True) from exc
+        if task.id != expected_id:
+            raise self._fail("submit", "upstream answered another task id", ambiguous=True)
+        return task
+
+    @staticmethod
+    def _log_call(method: str, what: str, status: int, started: float) -> None:
+        log.info(
+            "upstream %s %s -> %s in %.1f ms",
+            method,
+            what.split("?", 1)[0],
+            status,
+            (time.perf_counter() - started) * 1000,
+        )
+
+
+def encode_multipart(
+    fields: Mapping[str, str], *, file_field: str, filename: str, content_type: str, data: bytes
+) -> tuple[bytes, str]:
+    """Build a multipart/form-data body in memory.
+
+    Built by hand, not streamed, so that the request goes out with a known Content-Length:
+    chatgpt2api (like many Python servers behind proxies) handles chunked uploads poorly.
+    """
+    boundary = f"scenemint-{uuid.uuid4().hex}"
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode()
+            + b"\r\n"
+        )
+    parts.append(
+        (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"

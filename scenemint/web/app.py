@@ -1,0 +1,85 @@
+"""The app factory: settings in, a FastAPI app out; the lifespan opens and closes everything."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+
+from fastapi import FastAPI
+from pydantic import SecretStr
+
+from ..config import Settings
+from ..reconciler import Reconciler
+from ..service import ImageService
+from ..store import open_store
+from ..upstream import UpstreamClient
+from .envelope import install_error_handlers
+from .middleware import RequestLogMiddleware
+from .routes import router
+
+log = logging.getLogger("scenemint")
+
+
+def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastAPI:
+    """Build the app. With `demo=True` a local demo upstream starts inside the lifespan."""
+    base_settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        async with AsyncExitStack() as stack:
+            settings = base_settings
+            if demo:
+                settings = await _start_demo(stack, settings)
+            store = await open_store(settings)
+            stack.push_async_callback(store.close)
+            upstream = None
+            if settings.upstream_configured:
+                upstream = UpstreamClient.open(settings)
+                stack.push_async_callback(upstream.close)
+            else:
+                log.warning(
+                    "upstream not configured (CHATGPT2API_BASE_URL / CHATGPT2API_API_KEY):"
+                    " image requests will answer 503"
+                )
+            service = ImageService(settings=settings, store=store, upstream=upstream)
+            reconciler = Reconciler(service)
+            reconciler.start()
+            stack.push_async_callback(reconciler.stop)
+            app.state.service = service
+            app.state.reconciler = reconciler
+            yield
+
+    app = FastAPI(
+        title="SceneMint image service",
+        version="0.1.0",
+        summary="A credit-limited gateway to chatgpt2api image tasks.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    app.add_middleware(RequestLogMiddleware)
+    return app
+
+
+async def _start_demo(stack: AsyncExitStack, settings: Settings) -> Settings:
+    from ..demo import DemoUpstream  # Pillow and the demo's code load only when asked for
+
+    key = secrets.token_urlsafe(24)
+    demo = DemoUpstream(port=0, api_key=key)
+    await demo.start()
+    stack.push_async_callback(demo.stop)
+    log.warning(
+        "DEMO MODE: images come from a local demo upstream at %s that draws them itself;"
+        " no AI is involved",
+        demo.base_url,
+    )
+    return settings.model_copy(
+        update={"upstream_base_url": demo.base_url, "upstream_api_key": SecretStr(key)}
+    )
+
+
+def create_app_from_env() -> FastAPI:
+    """Factory for `uvicorn --factory` (used by `scenemint serve --workers N`)."""
+    return create_app(Settings())

@@ -1,0 +1,122 @@
+"""Reading request bodies without trusting them: size caps by Content-Length before reading
+and by counting while reading (a length may be absent or lie), and strict parsing."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect, Request
+
+from ..errors import BadRequest, PayloadTooLarge
+from ..validation import Reference, check_reference
+
+_FORM_OVERHEAD = 64 * 1024  # room for the text fields and multipart headers around the image
+_MAX_FIELDS = 8
+_MAX_FIELD_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class GenerateInput:
+    prompt: Any
+    size: Any
+    fingerprint: Any
+    reference: Reference | None
+
+
+def _declared_length(request: Request, limit: int, code: str) -> None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return
+    try:
+        length = int(raw)
+    except ValueError as exc:
+        raise BadRequest("bad_request", detail="invalid Content-Length") from exc
+    if length > limit:
+        raise PayloadTooLarge(code, detail=f"Content-Length {length} > {limit}")
+
+
+async def _counted(request: Request, limit: int, code: str) -> AsyncGenerator[bytes, None]:
+    received = 0
+    try:
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:
+                raise PayloadTooLarge(code, detail=f"body over {limit} bytes")
+            yield chunk
+    except ClientDisconnect as exc:
+        raise BadRequest("bad_request", detail="client went away mid-body") from exc
+
+
+async def read_json(request: Request, *, limit: int) -> dict[str, Any]:
+    _declared_length(request, limit, "payload_too_large")
+    body = b"".join([chunk async for chunk in _counted(request, limit, "payload_too_large")])
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest("invalid_json") from exc
+    if not isinstance(data, dict):
+        raise BadRequest("invalid_json", detail="body is not a JSON object")
+    return data
+
+
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+async def read_generate(request: Request, *, json_limit: int, image_limit: int) -> GenerateInput:
+    """The generate body: JSON, or multipart with an optional `image` file part."""
+    kind = media_type(request)
+    if kind == "multipart/form-data":
+        return await _read_generate_form(request, image_limit=image_limit)
+    if kind in ("application/json", "") or kind.endswith("+json"):
+        data = await read_json(request, limit=json_limit)
+        return GenerateInput(data.get("prompt"), data.get("size"), data.get("fingerprint"), None)
+    raise BadRequest("unsupported_media_type", detail=f"content type {kind!r}")
+
+
+async def _read_generate_form(request: Request, *, image_limit: int) -> GenerateInput:
+    limit = image_limit + _FORM_OVERHEAD
+    _declared_length(request, limit, "image_too_large")
+    parser = MultiPartParser(
+        request.headers,
+        _counted(request, limit, "image_too_large"),
+        max_files=1,
+        max_fields=_MAX_FIELDS,
+        max_part_size=_MAX_FIELD_BYTES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        code = "too_many_files" if "files" in str(exc).lower() else "invalid_form"
+        raise BadRequest(code, detail=str(exc)) from exc
+    try:
+        fields: dict[str, str] = {}
+        upload: UploadFile | None = None
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name != "image":
+                    raise BadRequest("invalid_form", detail=f"unexpected file field {name!r}")
+                upload = value
+            elif name in fields:
+                raise BadRequest("invalid_form", detail=f"field {name!r} given twice")
+            else:
+                fields[name] = value
+        reference = None
+        if upload is not None:
+            data = await upload.read(image_limit + 1)
+            reference = check_reference(
+                data,
+                filename=upload.filename,
+                content_type=upload.content_type,
+                max_bytes=image_limit,
+            )
+        return GenerateInput(
+            fields.get("prompt"), fields.get("size"), fields.get("fingerprint"), reference
+        )
+    finally:
+        await form.close()

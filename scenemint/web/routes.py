@@ -1,0 +1,149 @@
+"""The public routes. Each binds the request, calls the service, and wraps the answer."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from starlette.responses import Response
+
+from ..service import ImageService
+from ..validation import clean_fingerprint
+from .bodies import read_generate, read_json
+from .envelope import ok
+from .streaming import ClosingStreamResponse
+
+
+def get_service(request: Request) -> ImageService:
+    service: ImageService = request.app.state.service
+    return service
+
+
+ServiceDep = Annotated[ImageService, Depends(get_service)]
+router = APIRouter()
+
+_IMMUTABLE = "public, max-age=31536000, immutable"
+
+
+def _json_body(schema: dict[str, Any], *, multipart: bool = False) -> dict[str, Any]:
+    """OpenAPI description of a body we read ourselves (to keep our own limits and errors)."""
+    content: dict[str, Any] = {"application/json": {"schema": schema}}
+    if multipart:
+        form = {
+            **schema,
+            "properties": {**schema["properties"], "image": {"type": "string", "format": "binary"}},
+        }
+        content["multipart/form-data"] = {"schema": form}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+_STRING = {"type": "string"}
+_GENERATE = {
+    "type": "object",
+    "required": ["prompt", "fingerprint"],
+    "properties": {
+        "prompt": _STRING,
+        "size": {"type": "string", "enum": ["1:1", "16:9", "9:16"]},
+        "fingerprint": _STRING,
+    },
+}
+_FINGERPRINT = {
+    "type": "object",
+    "required": ["fingerprint"],
+    "properties": {"fingerprint": _STRING},
+}
+_ENHANCE = {
+    "type": "object",
+    "required": ["prompt", "direction"],
+    "properties": {
+        "prompt": _STRING,
+        "direction": {"type": "string", "enum": ["details", "creative"]},
+    },
+}
+
+
+@router.post("/api/images/generate", openapi_extra=_json_body(_GENERATE, multipart=True))
+async def generate(request: Request, service: ServiceDep) -> Response:
+    """Charge one credit and submit a generation (JSON) or an edit (multipart with `image`)."""
+    body = await read_generate(
+        request,
+        json_limit=service.settings.max_json_bytes,
+        image_limit=service.settings.max_reference_bytes,
+    )
+    task = await service.generate(
+        prompt=body.prompt, size=body.size, fingerprint=body.fingerprint, reference=body.reference
+    )
+    return ok(task.to_json())
+
+
+@router.get("/api/images/tasks/{task_id}")
+async def get_task(task_id: str, service: ServiceDep) -> Response:
+    """The task's current state; the "missing" shape for unknown ids."""
+    task = await service.get_task(task_id)
+    return ok(task.to_json())
+
+
+@router.api_route("/api/images/tasks/{task_id}/image", methods=["GET", "HEAD"])
+async def get_image(task_id: str, request: Request, service: ServiceDep) -> Response:
+    """The finished image, streamed from the upstream. Immutable: cacheable forever."""
+    etag = f'"{task_id}"'
+    # the id names one image forever, but only answer 304 for a task that is really ours
+    if request.headers.get("if-none-match") in (etag, "*") and await service.image_available(
+        task_id
+    ):
+        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
+    download = await service.open_image(task_id)
+    headers = {
+        "Cache-Control": _IMMUTABLE,
+        "ETag": download.etag,
+        "X-Content-Type-Options": "nosniff",
+    }
+    if download.content_length is not None:
+        headers["Content-Length"] = str(download.content_length)
+    return ClosingStreamResponse(
+        download.chunks,
+        close=download.aclose,
+        headers=headers,
+        media_type=download.content_type,
+        head_only=request.method == "HEAD",
+    )
+
+
+@router.post("/api/prompts/enhance", openapi_extra=_json_body(_ENHANCE))
+async def enhance(request: Request, service: ServiceDep) -> Response:
+    """Stream a rewrite of the prompt as OpenAI chat.completion.chunk SSE frames."""
+    data = await read_json(request, limit=service.settings.max_json_bytes)
+    stream = await service.enhance(prompt=data.get("prompt"), direction=data.get("direction"))
+    return ClosingStreamResponse(
+        aiter(stream),
+        close=stream.aclose,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.post("/api/quota/status", openapi_extra=_json_body(_FINGERPRINT))
+async def quota_status(request: Request, service: ServiceDep) -> Response:
+    """Balance, whether today's grant was taken, the cap and the daily grant."""
+    data = await read_json(request, limit=service.settings.max_json_bytes)
+    status = await service.store.status(clean_fingerprint(data.get("fingerprint")))
+    return ok(status.to_json())
+
+
+@router.post("/api/quota/check-in", openapi_extra=_json_body(_FINGERPRINT))
+async def quota_check_in(request: Request, service: ServiceDep) -> Response:
+    """Take today's grant (once per calendar day, up to the cap)."""
+    data = await read_json(request, limit=service.settings.max_json_bytes)
+    status = await service.store.check_in(clean_fingerprint(data.get("fingerprint")))
+    return ok(status.to_json())
+
+
+@router.get("/healthz", include_in_schema=False)
+async def healthz() -> Response:
+    return ok({"status": "alive"})
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(service: ServiceDep) -> Response:
+    await service.ready()
+    return ok({"status": "ready"})

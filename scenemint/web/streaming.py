@@ -1,0 +1,72 @@
+"""A streaming response that notices a client going away at once and always closes its source.
+
+Starlette's StreamingResponse only notices a disconnect on its next write when the server
+speaks ASGI spec 2.4; an enhancement waiting on a silent upstream would then hold the
+upstream request open. Here a second task listens for `http.disconnect` and cancels the
+writer, and `close` runs on every path: finished, failed, or abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+log = logging.getLogger("scenemint.web")
+
+
+class ClosingStreamResponse(Response):
+    def __init__(
+        self,
+        chunks: AsyncIterator[bytes],
+        *,
+        close: Callable[[], Awaitable[None]] | None = None,
+        status_code: int = 200,
+        headers: Mapping[str, str] | None = None,
+        media_type: str | None = None,
+        head_only: bool = False,
+    ) -> None:
+        self._chunks = chunks
+        self._close = close
+        self._head_only = head_only
+        self.status_code = status_code
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        writer = asyncio.create_task(self._write(send))
+        listener = asyncio.create_task(_disconnected(receive))
+        try:
+            await asyncio.wait({writer, listener}, return_when=asyncio.FIRST_COMPLETED)
+            if writer.done() and not writer.cancelled() and writer.exception() is not None:
+                # the response has started: all we can do is cut the connection short
+                log.warning("stream ended early: %r", writer.exception())
+        finally:
+            for task in (writer, listener):
+                task.cancel()
+            await asyncio.gather(writer, listener, return_exceptions=True)
+            aclose = getattr(self._chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            if self._close is not None:
+                await self._close()
+
+    async def _write(self, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        if not self._head_only:
+            async for chunk in self._chunks:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _disconnected(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

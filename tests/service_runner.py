@@ -1,0 +1,97 @@
+"""Run the real app on a loopback port in a background thread (uvicorn, its own event loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import uvicorn
+
+from scenemint.config import Settings
+from scenemint.web.app import create_app
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RunningService:
+    """A started service: `url`, an `http` client, and its `app` (for `app.state.service`)."""
+
+    def __init__(self, settings: Settings, *, demo: bool = False) -> None:
+        self.settings = settings
+        self.app = create_app(settings, demo=demo)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_config=None, access_log=False,
+            lifespan="on", timeout_graceful_shutdown=2,
+        )
+        self.server = uvicorn.Server(config)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="service")
+        self.http = httpx.Client(base_url=self.url, timeout=30)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self.loop = loop
+        try:
+            loop.run_until_complete(self.server.serve())
+        finally:
+            loop.close()
+
+    def start(self) -> RunningService:
+        self._thread.start()
+        deadline = time.monotonic() + 15
+        while not self.server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("service did not start")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        self.http.close()
+        self.server.should_exit = True
+        self._thread.join(timeout=15)
+
+    def run(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the service's loop (to reach its store or reconciler)."""
+        assert self.loop is not None
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    @property
+    def service(self) -> Any:
+        return self.app.state.service
+
+
+@contextmanager
+def running_service(settings: Settings, *, demo: bool = False) -> Iterator[RunningService]:
+    running = RunningService(settings, demo=demo).start()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+class LogCapture(logging.Handler):
+    """Every formatted log line of the process, to check what was (not) logged."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(levelname)s %(name)s %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
