@@ -77,3 +77,46 @@ def balance(running: RunningService, fingerprint: str = FINGERPRINT) -> int:
     answer = running.http.post("/api/quota/status", json={"fingerprint": fingerprint})
     assert answer.status_code == 200, answer.text
     return int(answer.json()["data"]["balance"])
+
+
+# --- databases: every store test runs on SQLite and, when configured, on PostgreSQL -------
+
+import os  # noqa: E402
+import uuid  # noqa: E402
+from urllib.parse import quote  # noqa: E402
+
+POSTGRES_URL = os.environ.get("SCENEMINT_TEST_POSTGRES_URL", "").strip()
+SKIP_POSTGRES = "PostgreSQL tests need SCENEMINT_TEST_POSTGRES_URL (e.g. postgresql://postgres@127.0.0.1:5432/test)"
+
+
+def postgres_schema_url() -> Iterator[str]:
+    """A throwaway schema in the test database; the URL selects it by search_path."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    try:
+        yield f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A fresh database: a SQLite file, then a PostgreSQL schema (skipped when not configured)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite3'}"
+        return
+    if not POSTGRES_URL:
+        pytest.skip(SKIP_POSTGRES)
+    yield from postgres_schema_url()
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    if not POSTGRES_URL:
+        pytest.skip(SKIP_POSTGRES)
+    yield from postgres_schema_url()
