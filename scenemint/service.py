@@ -44,6 +44,7 @@ NO_IMAGE = "the image service reported success without an image"
 TIMED_OUT = "generation took too long and was abandoned"
 _FINISHED_CACHE = 10_000
 _READY_CACHE_SECONDS = 5.0
+_UNFINISHED_TTL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class ImageService:
         )
         # finished ledger rows never change again: keep the recent ones in memory
         self._finished: OrderedDict[str, LedgerTask] = OrderedDict()
+        self._unfinished: dict[str, tuple[float, LedgerTask]] = {}
         self._references = settings.data_dir / "references"
         self._ready_at = -_READY_CACHE_SECONDS
 
@@ -228,6 +230,7 @@ class ImageService:
             return row
         fresh = await self.store.get_task(task_id)
         assert fresh is not None
+        self._remember(fresh)
         if fresh.finished:
             await self._drop_reference(row.reference_path)
             if self.poller is not None:
@@ -235,15 +238,32 @@ class ImageService:
         return fresh
 
     async def _ledger(self, task_id: str) -> LedgerTask | None:
+        """The ledger row, from memory when possible: polls must not all reach the database."""
         cached = self._finished.get(task_id)
         if cached is not None:
             return cached
+        recent = self._unfinished.get(task_id)
+        if recent is not None and recent[0] > time.monotonic():
+            return recent[1]
         row = await self.store.get_task(task_id)
-        if row is not None and row.finished:
-            self._finished[task_id] = row
+        self._remember(row)
+        return row
+
+    def _remember(self, row: LedgerTask | None) -> None:
+        # Finished rows never change again. Unfinished ones may be settled by another
+        # instance, so they are kept only briefly; the upstream's answer is checked anyway.
+        if row is None:
+            return
+        if row.finished:
+            self._unfinished.pop(row.id, None)
+            self._finished[row.id] = row
             if len(self._finished) > _FINISHED_CACHE:
                 self._finished.popitem(last=False)
-        return row
+            return
+        now = time.monotonic()
+        if len(self._unfinished) > _FINISHED_CACHE:
+            self._unfinished = {k: v for k, v in self._unfinished.items() if v[0] > now}
+        self._unfinished[row.id] = (now + _UNFINISHED_TTL, row)
 
     def _public(
         self,

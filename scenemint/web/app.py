@@ -16,6 +16,7 @@ from ..service import ImageService
 from ..store import open_store
 from ..upstream import UpstreamClient
 from .envelope import install_error_handlers
+from .fastpath import TaskPollFastPath
 from .middleware import RequestLogMiddleware
 from .routes import router
 
@@ -59,6 +60,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     )
     install_error_handlers(app)
     app.include_router(router)
+    # added last = outermost: every request is logged, the fast path included
+    app.add_middleware(TaskPollFastPath)
     app.add_middleware(RequestLogMiddleware)
     return app
 

@@ -19,48 +19,46 @@ log = logging.getLogger("scenemint.web")
 _JSON = "application/json"
 
 
+def ok_body(data: Any) -> bytes:
+    return json.dumps({"code": 0, "message": "ok", "data": data}, ensure_ascii=False).encode()
+
+
 def ok(data: Any) -> Response:
-    body = {"code": 0, "message": "ok", "data": data}
-    return Response(json.dumps(body, ensure_ascii=False).encode(), media_type=_JSON)
+    return Response(ok_body(data), media_type=_JSON)
 
 
-def failure(
-    code: str,
-    status: int,
-    *,
-    accept_language: str | None = None,
-    headers: dict[str, str] | None = None,
-) -> Response:
+def failure_body(code: str, *, accept_language: str | None = None) -> bytes:
     message = message_for(code, chinese=prefers_chinese(accept_language))
     body = {"code": -1, "message": message, "error": code}
-    return Response(
-        json.dumps(body, ensure_ascii=False).encode(),
-        status_code=status,
-        media_type=_JSON,
-        headers=headers,
-    )
+    return json.dumps(body, ensure_ascii=False).encode()
 
 
-def error_response(exc: BaseException, accept_language: str | None) -> Response:
-    """Map any exception to its envelope: ours by code and status, anything else as 500."""
+def error_parts(
+    exc: BaseException, accept_language: str | None
+) -> tuple[int, bytes, dict[str, str] | None]:
+    """Map any exception to (status, envelope, headers): ours by code and status, else 500."""
+    headers: dict[str, str] | None = None
     if isinstance(exc, ScenemintError):
         if exc.status >= 500:
             log.warning("answering %s %s: %s", exc.status, exc.code, exc.detail or "-")
-        return failure(exc.code, exc.status, accept_language=accept_language)
-    if isinstance(exc, RequestValidationError):
-        return failure("bad_request", 400, accept_language=accept_language)
-    if isinstance(exc, StarletteHTTPException):
+        code, status = exc.code, exc.status
+    elif isinstance(exc, RequestValidationError):
+        code, status = "bad_request", 400
+    elif isinstance(exc, StarletteHTTPException):
+        status = exc.status_code
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
-            exc.status_code, "bad_request"
+            status, "bad_request"
         )
-        return failure(
-            code,
-            exc.status_code,
-            accept_language=accept_language,
-            headers=dict(exc.headers) if exc.headers else None,
-        )
-    log.exception("unexpected error", exc_info=exc)
-    return failure("internal_error", 500, accept_language=accept_language)
+        headers = dict(exc.headers) if exc.headers else None
+    else:
+        log.exception("unexpected error", exc_info=exc)
+        code, status = "internal_error", 500
+    return status, failure_body(code, accept_language=accept_language), headers
+
+
+def error_response(exc: BaseException, accept_language: str | None) -> Response:
+    status, body, headers = error_parts(exc, accept_language)
+    return Response(body, status_code=status, media_type=_JSON, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
