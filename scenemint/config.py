@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     stream_ping_interval: float = Field(
         15.0, gt=0, validation_alias=_env("SCENEMINT_STREAM_PING_INTERVAL")
     )
+    submit_attempts: int = Field(3, ge=1, le=10, validation_alias=_env("SCENEMINT_SUBMIT_ATTEMPTS"))
+    breaker_threshold: int = Field(
+        5,
+        ge=1,
+        validation_alias=_env("SCENEMINT_BREAKER_THRESHOLD"),
+        description="consecutive upstream failures that open the circuit breaker",
+    )
+    breaker_cooldown: float = Field(10.0, ge=0, validation_alias=_env("SCENEMINT_BREAKER_COOLDOWN"))
     upstream_pool_size: int = Field(
         100, ge=1, validation_alias=_env("SCENEMINT_UPSTREAM_POOL_SIZE")
     )

@@ -8,7 +8,8 @@
     ├── UpstreamError               upstream_failed 502
     │   ├── UpstreamTimeout         upstream_timeout 504
     │   └── UpstreamUnavailable     upstream_unavailable 503  (wrong key, circuit open)
-    └── NotConfigured               upstream_not_configured 503
+    ├── NotConfigured               upstream_not_configured 503
+    └── NotReady                    not_ready       503  (readiness: the database is down)
 
 `code` is the machine code clients see in the envelope's `error` field; the
 human message is looked up by code in `scenemint.messages` in the caller's
@@ -71,6 +72,7 @@ class UpstreamError(ScenemintError):
         super().__init__(code, detail=detail)
         self.ambiguous = ambiguous
         self.upstream_status = upstream_status
+        self.retryable = False
 
 
 class UpstreamTimeout(UpstreamError):
@@ -85,4 +87,9 @@ class UpstreamUnavailable(UpstreamError):
 
 class NotConfigured(ScenemintError):
     code = "upstream_not_configured"
+    status = 503
+
+
+class NotReady(ScenemintError):
+    code = "not_ready"
     status = 503

@@ -51,6 +51,7 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "upstream_unavailable": ("The image service is unavailable.", "图片服务暂不可用。"),
     "upstream_not_configured": ("The image service is unavailable.", "图片服务暂不可用。"),
+    "not_ready": ("The service is not ready.", "服务尚未就绪。"),
     "method_not_allowed": ("Method not allowed.", "不支持该请求方法。"),
     "internal_error": ("Internal error.", "服务器内部错误。"),
 }

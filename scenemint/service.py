@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .errors import BadRequest, NotConfigured, NotFound, UpstreamError
+from .errors import BadRequest, NotConfigured, NotFound, NotReady, UpstreamError
+from .metrics import Metrics
 from .models import (
     MISSING_TASK_ERROR,
     Task,
@@ -60,11 +61,19 @@ class ImageDownload:
 
 class ImageService:
     def __init__(
-        self, *, settings: Settings, store: Store, upstream: UpstreamClient | None
+        self,
+        *,
+        settings: Settings,
+        store: Store,
+        upstream: UpstreamClient | None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.upstream = upstream
+        self.metrics = metrics or Metrics()
+        # set when the server begins a graceful shutdown: open streams end with a last frame
+        self.shutting_down = asyncio.Event()
         self.poller = (
             TaskPoller(
                 upstream.list_tasks,
@@ -95,6 +104,7 @@ class ImageService:
         size_ = normalize_size(size)
         owner = clean_fingerprint(fingerprint)
         upstream = self._require_upstream()
+        upstream.breaker.check()  # fail fast before taking a credit
         task_id = new_task_id()
         mode = "image" if reference is not None else "text"
         ref_path = await self._save_reference(task_id, reference) if reference else None
@@ -114,6 +124,7 @@ class ImageService:
         except BaseException:
             await self._drop_reference(ref_path)
             raise
+        self.metrics.credits_charged.inc()
         log.info("charged %s for task %s (%s)", _short(owner), task_id, mode)
         balance = charge.balance
         try:
@@ -130,6 +141,8 @@ class ImageService:
                 assert row is not None
                 return self._public(row, prompt=clean, remaining=balance)
             if await self.store.fail_task(task_id, error=SUBMIT_FAILED):
+                self.metrics.credits_refunded.inc()
+                self.metrics.tasks.labels("submit_failed").inc()
                 log.info("refunded %s for task %s: submission refused", _short(owner), task_id)
             await self._drop_reference(ref_path)
             raise
@@ -216,6 +229,7 @@ class ImageService:
             error = TIMED_OUT
         if error is not None:
             if await self.store.fail_task(task_id, error=error):
+                self.metrics.credits_refunded.inc()
                 log.info("refunded %s for task %s: %s", _short(row.fingerprint), task_id, error)
         elif found is not None and (found.status != row.state or row.upstream_created_at is None):
             await self.store.update_task(
@@ -232,6 +246,7 @@ class ImageService:
         assert fresh is not None
         self._remember(fresh)
         if fresh.finished:
+            self.metrics.tasks.labels(fresh.state).inc()
             await self._drop_reference(row.reference_path)
             if self.poller is not None:
                 self.poller.forget(task_id)
@@ -358,13 +373,22 @@ class ImageService:
         except BaseException:
             await stack.aclose()
             raise
-        return EnhancementStream(stack, lines, ping_interval=self.settings.stream_ping_interval)
+        return EnhancementStream(
+            stack,
+            lines,
+            ping_interval=self.settings.stream_ping_interval,
+            shutting_down=self.shutting_down,
+        )
 
     # -- operations ---------------------------------------------------------------------------
 
     async def ready(self) -> None:
         """Raise unless the database answers and the upstream accepts our key (cached 5 s)."""
-        await self.store.ping()
+        try:
+            await self.store.ping()
+        except Exception as exc:
+            log.error("database not reachable: %s", type(exc).__name__)
+            raise NotReady(detail="database not reachable") from exc
         now = time.monotonic()
         if now - self._ready_at < _READY_CACHE_SECONDS:
             return
@@ -392,6 +416,7 @@ class ImageService:
 
 _DONE = b"data: [DONE]\n\n"
 _END = object()
+_SHUTDOWN = object()
 
 
 class EnhancementStream:
@@ -402,11 +427,17 @@ class EnhancementStream:
     """
 
     def __init__(
-        self, stack: AsyncExitStack, lines: AsyncIterator[bytes], *, ping_interval: float
+        self,
+        stack: AsyncExitStack,
+        lines: AsyncIterator[bytes],
+        *,
+        ping_interval: float,
+        shutting_down: asyncio.Event | None = None,
     ) -> None:
         self._stack = stack
         self._lines = lines
         self._ping_interval = ping_interval
+        self._shutting_down = shutting_down or asyncio.Event()
         self._closed = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -428,6 +459,7 @@ class EnhancementStream:
     async def _frames(self) -> AsyncIterator[bytes]:
         queue: asyncio.Queue[object] = asyncio.Queue(maxsize=256)
         reader = asyncio.create_task(self._pump(queue))
+        stopper = asyncio.create_task(self._stop_on_shutdown(queue))
         try:
             while True:
                 try:
@@ -436,6 +468,10 @@ class EnhancementStream:
                 except TimeoutError:
                     yield b": ping\n\n"
                     continue
+                if item is _SHUTDOWN:
+                    yield _error_frame("The server is restarting. Please try again.")
+                    yield _DONE
+                    return
                 if item is _END:
                     yield _DONE  # the upstream ended without [DONE]: end the stream properly
                     return
@@ -454,8 +490,16 @@ class EnhancementStream:
                 yield b"data: " + payload + b"\n\n"
         finally:
             reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            stopper.cancel()
+            await asyncio.gather(reader, stopper, return_exceptions=True)
             await self.aclose()
+
+    async def _stop_on_shutdown(self, queue: asyncio.Queue[object]) -> None:
+        await self._shutting_down.wait()
+        # jump the queue: a client should not wait for the rest of a stream we will cut
+        while not queue.empty():
+            queue.get_nowait()
+        await queue.put(_SHUTDOWN)
 
 
 def _error_frame(message: str) -> bytes:

@@ -4,6 +4,11 @@ aiohttp's errors into ours, one place that logs upstream calls.
 Every request to the upstream's own origin carries `Authorization: Bearer <key>`. The key
 never goes to any other origin (an image host), and never into a log line or an error:
 `_redact` scrubs it from anything we log.
+
+Failure policy: submissions are retried on connection errors and 502/503/504 with jittered
+backoff (safe: `client_task_id` makes them idempotent), polls once, nothing on other 4xx.
+A circuit breaker fails calls fast for a cool-down after repeated failures, instead of
+letting requests pile up behind a dead upstream.
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +30,7 @@ from yarl import URL
 
 from .config import Settings
 from .errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from .metrics import Metrics
 from .models import TaskListing, UpstreamTask
 
 log = logging.getLogger("scenemint.upstream")
@@ -31,6 +38,7 @@ log = logging.getLogger("scenemint.upstream")
 _LOGGED_BODY_CHARS = 300
 _MAX_JSON_BYTES = 8 * 1024 * 1024  # an upstream answer larger than this is not a task listing
 _MAX_REDIRECTS = 3
+_BACKOFF = 0.2  # seconds before the first retry; doubled each time, with jitter
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +58,55 @@ def origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
 
 
+class CircuitBreaker:
+    """Open after `threshold` consecutive failures; while open, calls fail at once.
+
+    After `cooldown` seconds calls go through again; the first failure re-opens it, the
+    first success closes it.
+    """
+
+    def __init__(
+        self, *, threshold: int, cooldown: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._threshold = threshold
+        self._cooldown = cooldown
+        self._clock = clock
+        self._failures = 0
+        self._open_until = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        return self._clock() < self._open_until
+
+    def check(self) -> None:
+        if self.is_open:
+            raise UpstreamUnavailable(detail="circuit open: upstream failed repeatedly")
+
+    def record(self, *, ok: bool) -> None:
+        if ok:
+            self._failures = 0
+            return
+        self._failures += 1
+        if self._failures >= self._threshold:
+            if not self.is_open:
+                log.error(
+                    "upstream failed %d times in a row: failing fast for %.0f s",
+                    self._failures,
+                    self._cooldown,
+                )
+            self._open_until = self._clock() + self._cooldown
+
+
 class UpstreamClient:
     """The chatgpt2api client: submit, list, download, stream. `open()` it, `close()` it."""
 
-    def __init__(self, *, settings: Settings, session: aiohttp.ClientSession) -> None:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
+    ) -> None:
         root, key = settings.upstream_root, settings.api_key
         if root is None or key is None:
             raise ValueError("the upstream base URL and key are both required")
@@ -64,9 +117,13 @@ class UpstreamClient:
         self._origin = origin_of(root)
         self._image_origins = {self._origin} | {origin_of(h) for h in settings.image_hosts}
         self._image_origins.discard(None)
+        self._metrics = metrics or Metrics()
+        self.breaker = CircuitBreaker(
+            threshold=settings.breaker_threshold, cooldown=settings.breaker_cooldown
+        )
 
     @classmethod
-    def open(cls, settings: Settings) -> UpstreamClient:
+    def open(cls, settings: Settings, *, metrics: Metrics | None = None) -> UpstreamClient:
         """One pooled keep-alive session for the whole process (create inside a running loop)."""
         connector = aiohttp.TCPConnector(
             limit=settings.upstream_pool_size,
@@ -79,7 +136,7 @@ class UpstreamClient:
             trust_env=False,
             auto_decompress=True,
         )
-        return cls(settings=settings, session=session)
+        return cls(settings=settings, session=session, metrics=metrics)
 
     async def close(self) -> None:
         await self._session.close()
@@ -93,13 +150,14 @@ class UpstreamClient:
             "model": self._settings.image_model,
             "size": size,
         }
-        data = json.dumps(body, ensure_ascii=False).encode()
         answer = await self._call_json(
+            "submit",
             "POST",
             "/api/image-tasks/generations",
-            data=data,
+            data=json.dumps(body, ensure_ascii=False).encode(),
             content_type="application/json",
-            limits=self._submit_timeout(),
+            limits=self._timeout(self._settings.submit_timeout),
+            attempts=self._settings.submit_attempts,
         )
         return self._task(answer, expected_id=task_id)
 
@@ -123,36 +181,30 @@ class UpstreamClient:
             fields, file_field="image", filename=filename, content_type=content_type, data=image
         )
         answer = await self._call_json(
+            "submit",
             "POST",
             "/api/image-tasks/edits",
             data=body,
             content_type=multipart_type,
-            limits=self._submit_timeout(),
+            limits=self._timeout(self._settings.submit_timeout),
+            attempts=self._settings.submit_attempts,
         )
         return self._task(answer, expected_id=task_id)
 
     async def list_tasks(self, ids: list[str]) -> TaskListing:
         path = "/api/image-tasks?ids=" + ",".join(quote(i, safe="") for i in ids)
         answer = await self._call_json(
-            "GET",
-            path,
-            limits=aiohttp.ClientTimeout(
-                total=self._settings.poll_timeout, sock_connect=self._settings.connect_timeout
-            ),
+            "list", "GET", path, limits=self._timeout(self._settings.poll_timeout), attempts=2
         )
         try:
             return TaskListing.from_json(answer)
         except ValueError as exc:
-            raise self._fail("list", f"unexpected listing: {exc}", ambiguous=True) from exc
+            raise self._fail("list", "invalid", f"unexpected listing: {exc}") from exc
 
     async def check(self) -> None:
         """A cheap authenticated call, for readiness: raises when the upstream cannot serve us."""
         await self._call_json(
-            "GET",
-            "/v1/models",
-            limits=aiohttp.ClientTimeout(
-                total=self._settings.poll_timeout, sock_connect=self._settings.connect_timeout
-            ),
+            "models", "GET", "/v1/models", limits=self._timeout(self._settings.poll_timeout)
         )
 
     # -- streams -------------------------------------------------------------------
@@ -160,6 +212,7 @@ class UpstreamClient:
     @asynccontextmanager
     async def open_image(self, url: str) -> AsyncIterator[ImageResponse]:
         """Download an image by URL, following redirects only within allowed origins."""
+        self.breaker.check()
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self._settings.connect_timeout,
@@ -171,7 +224,7 @@ class UpstreamClient:
             for _ in range(_MAX_REDIRECTS + 1):
                 origin = origin_of(url)
                 if origin is None or origin not in self._image_origins:
-                    raise self._fail("image", f"image origin not allowed: {origin}")
+                    raise self._fail("image", "forbidden", f"image origin not allowed: {origin}")
                 headers = self._auth_headers() if origin == self._origin else {}
                 response = await self._session.get(
                     url, headers=headers, timeout=timeout, allow_redirects=False
@@ -183,12 +236,13 @@ class UpstreamClient:
                     continue
                 break
             if response is None:
-                raise self._fail("image", "too many redirects")
+                raise self._fail("image", "redirects", "too many redirects")
         try:
             self._log_call("GET", "image", response.status, started)
             if response.status >= 300:
                 body = await self._read_some(response)
                 raise self._status_error("image", response.status, body)
+            self.breaker.record(ok=True)
             yield ImageResponse(
                 content_type=response.headers.get("Content-Type"),
                 content_length=response.content_length,
@@ -209,6 +263,7 @@ class UpstreamClient:
         self, body: Mapping[str, Any]
     ) -> AsyncIterator[AsyncIterator[bytes]]:
         """POST a streaming chat completion; yields an iterator over the raw SSE lines."""
+        self.breaker.check()
         timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=self._settings.connect_timeout,
@@ -228,21 +283,24 @@ class UpstreamClient:
                 allow_redirects=False,
             )
         try:
-            self._log_call("POST", "/v1/chat/completions", response.status, started)
+            self._log_call("POST", "chat", response.status, started)
             if response.status >= 300:
                 raise self._status_error("chat", response.status, await self._read_some(response))
             if response.content_type != "text/event-stream":
                 body_start = await self._read_some(response)
                 raise self._fail(
-                    "chat", f"expected text/event-stream, got {response.content_type}: {body_start}"
+                    "chat",
+                    "invalid",
+                    f"expected text/event-stream, got {response.content_type}: {body_start}",
                 )
+            self.breaker.record(ok=True)
             yield self._lines(response)
         finally:
             response.close()
 
     async def _lines(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         started = time.perf_counter()
-        with self._translate("chat", started, ambiguous_after_send=False):
+        with self._translate("chat", started, ambiguous_after_send=False, count=False):
             async for line in response.content:
                 yield line
 
@@ -250,18 +308,48 @@ class UpstreamClient:
 
     async def _call_json(
         self,
+        kind: str,
         method: str,
         path: str,
         *,
         limits: aiohttp.ClientTimeout,
         data: bytes | None = None,
         content_type: str | None = None,
+        attempts: int = 1,
     ) -> Any:
+        """One JSON call with the retry policy; an error is ambiguous if any attempt was."""
+        ambiguous = False
+        for attempt in range(1, attempts + 1):
+            try:
+                return await self._call_json_once(
+                    kind, method, path, limits=limits, data=data, content_type=content_type
+                )
+            except UpstreamError as exc:
+                ambiguous = ambiguous or exc.ambiguous
+                exc.ambiguous = ambiguous
+                if attempt == attempts or not exc.retryable or self.breaker.is_open:
+                    raise
+                delay = _BACKOFF * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+                log.info("retrying %s %s in %.2f s (attempt %d)", method, kind, delay, attempt + 1)
+                await asyncio.sleep(delay)
+        raise AssertionError("unreachable")
+
+    async def _call_json_once(
+        self,
+        kind: str,
+        method: str,
+        path: str,
+        *,
+        limits: aiohttp.ClientTimeout,
+        data: bytes | None,
+        content_type: str | None,
+    ) -> Any:
+        self.breaker.check()
         headers = self._auth_headers()
         if content_type:
             headers["Content-Type"] = content_type
         started = time.perf_counter()
-        with self._translate(path, started, ambiguous_after_send=True):
+        with self._translate(kind, started, ambiguous_after_send=True):
             async with self._session.request(
                 method,
                 self.root + path,
@@ -270,22 +358,23 @@ class UpstreamClient:
                 timeout=limits,
                 allow_redirects=False,
             ) as response:
-                self._log_call(method, path, response.status, started)
+                self._log_call(method, kind, response.status, started)
                 if response.status >= 300:
-                    raise self._status_error(path, response.status, await self._read_some(response))
+                    raise self._status_error(kind, response.status, await self._read_some(response))
                 raw = await response.content.read(_MAX_JSON_BYTES + 1)
         if len(raw) > _MAX_JSON_BYTES:
-            raise self._fail(path, "answer too large", ambiguous=True)
+            raise self._fail(kind, "invalid", "answer too large", ambiguous=True)
         try:
-            return json.loads(raw)
+            answer = json.loads(raw)
         except ValueError as exc:
-            raise self._fail(
-                path, f"invalid JSON: {raw[:_LOGGED_BODY_CHARS]!r}", ambiguous=True
-            ) from exc
+            snippet = raw[:_LOGGED_BODY_CHARS]
+            raise self._fail(kind, "invalid", f"invalid JSON: {snippet!r}", ambiguous=True) from exc
+        self.breaker.record(ok=True)
+        return answer
 
     @contextmanager
     def _translate(
-        self, what: str, started: float, *, ambiguous_after_send: bool
+        self, kind: str, started: float, *, ambiguous_after_send: bool, count: bool = True
     ) -> Iterator[None]:
         """Map aiohttp/asyncio failures to UpstreamError; decide if the request may have landed."""
         try:
@@ -293,44 +382,79 @@ class UpstreamClient:
         except UpstreamError:
             raise
         except aiohttp.ConnectionTimeoutError as exc:
-            raise self._fail(what, "connect timeout", timeout=True) from exc
+            raise self._fail(kind, "timeout", "connect timeout", timeout=True, count=count) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise self._fail(
-                what,
+                kind,
+                "timeout",
                 f"timed out after {time.perf_counter() - started:.1f}s",
                 ambiguous=ambiguous_after_send,
                 timeout=True,
+                count=count,
             ) from exc
         except aiohttp.ClientConnectorError as exc:
             # refused, unreachable, DNS: nothing was sent
-            raise self._fail(what, f"cannot connect: {type(exc).__name__}") from exc
+            raise self._fail(
+                kind,
+                "connect",
+                f"cannot connect: {type(exc).__name__}",
+                retryable=True,
+                count=count,
+            ) from exc
         except (aiohttp.ClientError, OSError) as exc:
             # reset, disconnected, truncated after the request went out
             raise self._fail(
-                what, f"connection failed: {type(exc).__name__}", ambiguous=ambiguous_after_send
+                kind,
+                "connection",
+                f"connection failed: {type(exc).__name__}",
+                ambiguous=ambiguous_after_send,
+                retryable=True,
+                count=count,
             ) from exc
 
-    def _status_error(self, what: str, status: int, body: str) -> UpstreamError:
+    def _status_error(self, kind: str, status: int, body: str) -> UpstreamError:
         if status in (401, 403):
             log.error(
-                "upstream rejected our key (HTTP %s) on %s: check CHATGPT2API_API_KEY", status, what
+                "upstream rejected our key (HTTP %s) on %s: check CHATGPT2API_API_KEY", status, kind
             )
-            return UpstreamUnavailable(detail=f"{what}: HTTP {status}", upstream_status=status)
-        return self._fail(what, f"HTTP {status}: {body}", upstream_status=status)
+            self._count_failure(kind, "auth")
+            return UpstreamUnavailable(detail=f"{kind}: HTTP {status}", upstream_status=status)
+        return self._fail(
+            kind,
+            f"http_{status // 100}xx",
+            f"HTTP {status}: {body}",
+            upstream_status=status,
+            retryable=status in (502, 503, 504),
+            # a 4xx is about our request, not the upstream's health
+            count=status >= 500,
+        )
 
     def _fail(
         self,
-        what: str,
+        kind: str,
+        reason: str,
         detail: str,
         *,
         ambiguous: bool = False,
         timeout: bool = False,
+        retryable: bool = False,
         upstream_status: int | None = None,
+        count: bool = True,
     ) -> UpstreamError:
-        detail = self._redact(f"{what}: {detail}")
+        detail = self._redact(f"{kind}: {detail}")
         log.warning("upstream failure: %s", detail)
-        kind = UpstreamTimeout if timeout else UpstreamError
-        return kind(detail=detail, ambiguous=ambiguous, upstream_status=upstream_status)
+        if count:
+            self._count_failure(kind, reason)
+        else:
+            self._metrics.upstream_failures.labels(kind, reason).inc()
+        error_type = UpstreamTimeout if timeout else UpstreamError
+        error = error_type(detail=detail, ambiguous=ambiguous, upstream_status=upstream_status)
+        error.retryable = retryable
+        return error
+
+    def _count_failure(self, kind: str, reason: str) -> None:
+        self._metrics.upstream_failures.labels(kind, reason).inc()
+        self.breaker.record(ok=False)
 
     async def _read_some(self, response: aiohttp.ClientResponse) -> str:
         try:
@@ -345,26 +469,28 @@ class UpstreamClient:
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self._key}"}
 
-    def _submit_timeout(self) -> aiohttp.ClientTimeout:
-        return aiohttp.ClientTimeout(
-            total=self._settings.submit_timeout, sock_connect=self._settings.connect_timeout
-        )
+    def _timeout(self, total: float) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=total, sock_connect=self._settings.connect_timeout)
 
     def _task(self, answer: Any, *, expected_id: str) -> UpstreamTask:
         try:
             task = UpstreamTask.from_json(answer)
         except ValueError as exc:
-            raise self._fail("submit", f"unexpected task: {exc}", ambiguous=True) from exc
+            raise self._fail(
+                "submit", "invalid", f"unexpected task: {exc}", ambiguous=True
+            ) from exc
         if task.id != expected_id:
-            raise self._fail("submit", "upstream answered another task id", ambiguous=True)
+            raise self._fail(
+                "submit", "invalid", "upstream answered another task id", ambiguous=True
+            )
         return task
 
-    @staticmethod
-    def _log_call(method: str, what: str, status: int, started: float) -> None:
+    def _log_call(self, method: str, kind: str, status: int, started: float) -> None:
+        self._metrics.upstream_calls.labels(kind, str(status)).inc()
         log.info(
             "upstream %s %s -> %s in %.1f ms",
             method,
-            what.split("?", 1)[0],
+            kind,
             status,
             (time.perf_counter() - started) * 1000,
         )

@@ -7,11 +7,20 @@ import sys
 import time
 import uuid
 
+import pytest
+
 from tests.conftest import FINGERPRINT, balance, check_in, make_settings
 from tests.fake_upstream import make_png
 from tests.service_runner import running_service
 
 GENERATIONS = "/api/image-tasks/generations"
+
+
+@pytest.fixture
+def service(tmp_path, upstream, logs):
+    """One submission attempt: a dropped submission stays lost until the reconciler acts."""
+    with running_service(make_settings(tmp_path, upstream, submit_attempts=1)) as running:
+        yield running
 
 
 def generate(running, prompt: str = "a red fox") -> dict:
@@ -147,7 +156,7 @@ def test_lost_edit_is_resubmitted_with_its_reference_then_the_file_is_dropped(se
 
 
 def test_lost_submission_past_the_resubmit_window_is_refunded(tmp_path, upstream, logs):
-    with running_service(make_settings(tmp_path, upstream, resubmit_window=0.0)) as running:
+    with running_service(make_settings(tmp_path, upstream, resubmit_window=0.0, submit_attempts=1)) as running:
         check_in(running)
         upstream.drop(GENERATIONS, times=1)
         task = generate(running)

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from types import FrameType
 
 from fastapi import FastAPI
 from pydantic import SecretStr
 
 from ..config import Settings
+from ..metrics import Metrics
 from ..reconciler import Reconciler
 from ..service import ImageService
 from ..store import open_store
@@ -37,20 +42,25 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
             stack.push_async_callback(store.close)
             upstream = None
             if settings.upstream_configured:
-                upstream = UpstreamClient.open(settings)
+                upstream = UpstreamClient.open(settings, metrics=metrics)
                 stack.push_async_callback(upstream.close)
             else:
                 log.warning(
                     "upstream not configured (CHATGPT2API_BASE_URL / CHATGPT2API_API_KEY):"
                     " image requests will answer 503"
                 )
-            service = ImageService(settings=settings, store=store, upstream=upstream)
+            service = ImageService(
+                settings=settings, store=store, upstream=upstream, metrics=metrics
+            )
+            stack.enter_context(_end_streams_on_sigterm(service))
             reconciler = Reconciler(service)
             reconciler.start()
             stack.push_async_callback(reconciler.stop)
             app.state.service = service
             app.state.reconciler = reconciler
             yield
+
+    metrics = Metrics()
 
     app = FastAPI(
         title="SceneMint image service",
@@ -62,7 +72,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     app.include_router(router)
     # added last = outermost: every request is logged, the fast path included
     app.add_middleware(TaskPollFastPath)
-    app.add_middleware(RequestLogMiddleware)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics)
+    app.state.metrics = metrics
     return app
 
 
@@ -81,6 +92,32 @@ async def _start_demo(stack: AsyncExitStack, settings: Settings) -> Settings:
     return settings.model_copy(
         update={"upstream_base_url": demo.base_url, "upstream_api_key": SecretStr(key)}
     )
+
+
+@contextmanager
+def _end_streams_on_sigterm(service: ImageService) -> Iterator[None]:
+    """On SIGTERM, tell open streams to finish with a last frame, then let uvicorn go on.
+
+    uvicorn stops accepting and waits for in-flight requests (bounded by its graceful
+    timeout) before the lifespan ends: without this, an open enhancement stream would be
+    cut without a word after that timeout. The handler chains to uvicorn's own.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers live in the main thread only (tests run servers in threads)
+        return
+    loop = asyncio.get_running_loop()
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        loop.call_soon_threadsafe(service.shutting_down.set)
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def create_app_from_env() -> FastAPI:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
 from ..service import ImageService
@@ -103,6 +104,7 @@ async def get_image(task_id: str, request: Request, service: ServiceDep) -> Resp
     return ClosingStreamResponse(
         download.chunks,
         close=download.aclose,
+        gauge=service.metrics.open_streams.labels("image"),
         headers=headers,
         media_type=download.content_type,
         head_only=request.method == "HEAD",
@@ -117,6 +119,7 @@ async def enhance(request: Request, service: ServiceDep) -> Response:
     return ClosingStreamResponse(
         aiter(stream),
         close=stream.aclose,
+        gauge=service.metrics.open_streams.labels("enhance"),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -145,5 +148,11 @@ async def healthz() -> Response:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(service: ServiceDep) -> Response:
+    """Ready when the database answers and the upstream accepts our key (cached briefly)."""
     await service.ready()
     return ok({"status": "ready"})
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics(service: ServiceDep) -> Response:
+    return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)

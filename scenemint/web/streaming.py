@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
+from prometheus_client import Gauge
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -28,8 +29,10 @@ class ClosingStreamResponse(Response):
         headers: Mapping[str, str] | None = None,
         media_type: str | None = None,
         head_only: bool = False,
+        gauge: Gauge | None = None,
     ) -> None:
         self._chunks = chunks
+        self._gauge = gauge
         self._close = close
         self._head_only = head_only
         self.status_code = status_code
@@ -38,6 +41,8 @@ class ClosingStreamResponse(Response):
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._gauge is not None:
+            self._gauge.inc()
         writer = asyncio.create_task(self._write(send))
         listener = asyncio.create_task(_disconnected(receive))
         try:
@@ -54,6 +59,8 @@ class ClosingStreamResponse(Response):
                 await aclose()
             if self._close is not None:
                 await self._close()
+            if self._gauge is not None:
+                self._gauge.dec()
 
     async def _write(self, send: Send) -> None:
         await send(

@@ -1,0 +1,75 @@
+"""Prometheus metrics, in a registry of the app's own (no process globals).
+
+With `--workers N` each worker keeps and serves its own figures.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_ROUTES = (
+    "/api/images/generate",
+    "/api/prompts/enhance",
+    "/api/quota/status",
+    "/api/quota/check-in",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/docs",
+    "/openapi.json",
+)
+
+
+def route_of(path: str) -> str:
+    """A bounded label for a path: templates for task ids, "other" for anything unknown."""
+    if path.startswith("/api/images/tasks/"):
+        return (
+            "/api/images/tasks/{id}/image" if path.endswith("/image") else "/api/images/tasks/{id}"
+        )
+    return path if path in _ROUTES else "other"
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "scenemint_http_requests",
+            "HTTP requests answered",
+            ["route", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "scenemint_http_request_duration_seconds",
+            "Time to answer (streams: until closed)",
+            ["route"],
+            registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+        )
+        self.upstream_calls = Counter(
+            "scenemint_upstream_calls",
+            "Upstream calls by kind and HTTP status",
+            ["kind", "status"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "scenemint_upstream_failures",
+            "Upstream failures by kind and reason",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.tasks = Counter(
+            "scenemint_tasks", "Generation tasks by outcome", ["outcome"], registry=r
+        )
+        self.credits_charged = Counter(
+            "scenemint_credits_charged", "Credits charged for generations", registry=r
+        )
+        self.credits_refunded = Counter(
+            "scenemint_credits_refunded", "Credits given back for failed generations", registry=r
+        )
+        self.open_streams = Gauge(
+            "scenemint_open_streams", "Responses streaming right now", ["kind"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
