@@ -1,0 +1,158 @@
+"""Poll coalescing: many pollers, few upstream calls; failures stay with their own batch."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from scenemint.errors import UpstreamError
+from scenemint.models import TaskListing, UpstreamTask
+from scenemint.poller import TaskPoller
+from tests.conftest import FINGERPRINT, check_in, make_settings
+from tests.service_runner import running_service
+
+
+class SlowListing:
+    """A listing function that takes `delay` seconds and records every batch it was asked."""
+
+    def __init__(self, delay: float = 0.05, fail_batches: set[int] | None = None) -> None:
+        self.delay = delay
+        self.batches: list[list[str]] = []
+        self.fail_batches = fail_batches or set()
+
+    async def __call__(self, ids: list[str]) -> TaskListing:
+        self.batches.append(list(ids))
+        number = len(self.batches)
+        await asyncio.sleep(self.delay)
+        if number in self.fail_batches:
+            raise UpstreamError(detail=f"batch {number} failed")
+        items = {i: UpstreamTask(id=i, status="running", mode="text") for i in ids if i != "gone"}
+        return TaskListing(items=items, missing=frozenset({"gone"} & set(ids)))
+
+
+def test_concurrent_polls_of_one_task_share_one_upstream_call():
+    listing = SlowListing()
+    poller = TaskPoller(listing, min_interval=0.5)
+
+    async def main():
+        return await asyncio.gather(*(poller.fetch("a") for _ in range(100)))
+
+    results = asyncio.run(main())
+    assert len(listing.batches) == 1
+    assert {r.status for r in results} == {"running"}
+
+
+def test_ids_arriving_while_a_batch_is_in_flight_wait_for_the_next_batch():
+    listing = SlowListing(delay=0.05)
+    poller = TaskPoller(listing, batch_size=3, min_interval=0.5)
+
+    async def main():
+        first = asyncio.create_task(poller.fetch("a"))
+        await asyncio.sleep(0.01)  # "a" is in flight now
+        rest = [asyncio.create_task(poller.fetch(i)) for i in ("b", "c", "d", "e", "gone")]
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert listing.batches == [["a"], ["b", "c", "d"], ["e", "gone"]]
+    assert first.id == "a" and [r.id for r in rest[:4]] == ["b", "c", "d", "e"]
+    assert rest[4] is None  # missing upstream
+
+
+def test_a_failed_batch_fails_only_its_own_pollers():
+    listing = SlowListing(delay=0.05, fail_batches={2})
+    poller = TaskPoller(listing, min_interval=0.5)
+
+    async def main():
+        first = asyncio.create_task(poller.fetch("a"))
+        await asyncio.sleep(0.01)
+        second = [asyncio.create_task(poller.fetch(i)) for i in ("b", "c")]
+        results = await asyncio.gather(first, *second, return_exceptions=True)
+        after = await poller.fetch("b")  # the next batch works again
+        return results, after
+
+    (a, b, c), after = asyncio.run(main())
+    assert isinstance(a, UpstreamTask)
+    assert isinstance(b, UpstreamError) and isinstance(c, UpstreamError)
+    assert after.id == "b"
+
+
+def test_an_id_is_asked_at_most_once_per_interval():
+    listing = SlowListing(delay=0.0)
+    poller = TaskPoller(listing, min_interval=0.2)
+
+    async def main():
+        for _ in range(20):
+            await poller.fetch("a")
+            await asyncio.sleep(0.02)  # 20 polls over ~0.4 s
+
+    asyncio.run(main())
+    assert 2 <= len(listing.batches) <= 3
+
+
+def test_no_poll_waits_longer_than_one_batch_plus_one_round_trip():
+    round_trip = 0.1
+    listing = SlowListing(delay=round_trip)
+    poller = TaskPoller(listing, batch_size=50, min_interval=0.5)
+
+    async def main():
+        waits = []
+
+        async def poll(task_id: str, start_after: float):
+            await asyncio.sleep(start_after)
+            began = time.monotonic()
+            await poller.fetch(task_id)
+            waits.append(time.monotonic() - began)
+
+        await asyncio.gather(*(poll(f"t{i}", i * 0.013) for i in range(40)))
+        return waits
+
+    waits = asyncio.run(main())
+    # worst case: arrive just after a batch left, wait for it, then ride the next one
+    assert max(waits) < 2 * round_trip + 0.08
+
+
+def test_a_cancelled_poller_does_not_cancel_the_answer_for_others():
+    listing = SlowListing(delay=0.05)
+    poller = TaskPoller(listing, min_interval=0.5)
+
+    async def main():
+        impatient = asyncio.create_task(poller.fetch("a"))
+        patient = asyncio.create_task(poller.fetch("a"))
+        await asyncio.sleep(0.01)
+        impatient.cancel()
+        return await patient
+
+    assert asyncio.run(main()).id == "a"
+
+
+@pytest.mark.timeout(60)
+def test_64_concurrent_pollers_through_the_service_cost_few_upstream_calls(
+    tmp_path, upstream, logs
+):
+    settings = make_settings(tmp_path, upstream, poll_min_interval=0.5)
+    with running_service(settings) as running:
+        check_in(running)
+        task = running.http.post(
+            "/api/images/generate", json={"prompt": "x", "fingerprint": FINGERPRINT}
+        ).json()["data"]
+        upstream.set_task(task["id"], status="running")
+        before = len(upstream.recorded("/api/image-tasks", method="GET"))
+
+        async def storm():
+            async with httpx.AsyncClient(base_url=running.url, timeout=30) as client:
+                answers = await asyncio.gather(
+                    *(client.get(f"/api/images/tasks/{task['id']}") for _ in range(200))
+                )
+            return [a.json()["data"]["status"] for a in answers]
+
+        began = time.monotonic()
+        statuses = asyncio.run(storm())
+        elapsed = time.monotonic() - began
+        calls = len(upstream.recorded("/api/image-tasks", method="GET")) - before
+        assert statuses == ["running"] * 200
+        # at most one listing per 0.5 s interval, however many pollers (the original: 200)
+        assert calls <= elapsed / 0.5 + 1, (calls, elapsed)
+        assert calls < 10
