@@ -1,9 +1,9 @@
 """Poll coalescing: many pollers of running tasks share few upstream calls.
 
 While one `GET /api/image-tasks?ids=...` is in flight, newly asked ids wait for the next
-batch (at most `batch_size` ids a call), and an id answered less than `min_interval`
-seconds ago is answered from that result. A failed batch fails only the pollers waiting
-on it.
+batch (at most `batch_size` ids a call), an id already in flight joins that call, and an
+id answered less than `min_interval` seconds ago is answered from that result. A failed
+batch fails only the pollers waiting on it.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ class TaskPoller:
         self._clock = clock
         self._recent: dict[str, tuple[float, Result]] = {}
         self._waiting: dict[str, asyncio.Future[Result]] = {}
+        self._in_flight: dict[str, asyncio.Future[Result]] = {}
         self._runner: asyncio.Task[None] | None = None
         self.upstream_calls = 0
 
@@ -42,7 +43,8 @@ class TaskPoller:
         recent = self._recent.get(task_id)
         if recent is not None and self._clock() - recent[0] < self._min_interval:
             return recent[1]
-        future = self._waiting.get(task_id)
+        # join the batch in flight for this id, or the one waiting to go
+        future = self._in_flight.get(task_id) or self._waiting.get(task_id)
         if future is None:
             future = asyncio.get_running_loop().create_future()
             self._waiting[task_id] = future
@@ -59,6 +61,7 @@ class TaskPoller:
         while self._waiting:
             ids = list(self._waiting)[: self._batch_size]
             batch = {task_id: self._waiting.pop(task_id) for task_id in ids}
+            self._in_flight.update(batch)
             try:
                 listing = await self._fetch(ids)
             except UpstreamError as exc:
@@ -73,6 +76,9 @@ class TaskPoller:
                         future.set_exception(UpstreamError(detail=f"poll failed: {exc!r}"))
                     future.exception()
                 raise
+            finally:
+                for task_id in ids:
+                    self._in_flight.pop(task_id, None)
             now = self._clock()
             self._prune(now)
             for task_id, future in batch.items():

@@ -61,6 +61,20 @@ def test_ids_arriving_while_a_batch_is_in_flight_wait_for_the_next_batch():
     assert rest[4] is None  # missing upstream
 
 
+def test_a_poll_for_an_id_already_in_flight_joins_that_call():
+    listing = SlowListing(delay=0.05)
+    poller = TaskPoller(listing, min_interval=0.5)
+
+    async def main():
+        first = asyncio.create_task(poller.fetch("a"))
+        await asyncio.sleep(0.02)  # in flight now
+        return await asyncio.gather(first, poller.fetch("a"))
+
+    results = asyncio.run(main())
+    assert listing.batches == [["a"]]
+    assert results[0] is results[1]
+
+
 def test_a_failed_batch_fails_only_its_own_pollers():
     listing = SlowListing(delay=0.05, fail_batches={2})
     poller = TaskPoller(listing, min_interval=0.5)
