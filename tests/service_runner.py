@@ -105,7 +105,9 @@ class LogCapture(logging.Handler):
 class ServiceProcess:
     """`scenemint serve` as a real subprocess (for crash and multi-instance tests)."""
 
-    def __init__(self, env: dict[str, str], *, cwd: str, port: int | None = None) -> None:
+    def __init__(
+        self, env: dict[str, str], *, cwd: str, port: int | None = None, args: tuple[str, ...] = ()
+    ) -> None:
         import os
         import subprocess
         import sys
@@ -116,7 +118,7 @@ class ServiceProcess:
         self.log_path = f"{cwd}/service-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "scenemint", "serve"],
+            [sys.executable, "-m", "scenemint", "serve", *args],
             env=full_env,
             cwd=cwd,
             stdout=self._log,

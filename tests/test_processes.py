@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import contextlib
 import sqlite3
 import subprocess
@@ -215,3 +216,33 @@ def test_reconciler_refunds_a_failure_nobody_polls(two_instances, upstream, tmp_
     wait_until(lambda: balance(a.url) == 10, timeout=10, what="the reconciler's refund")
     checked = audit(env, tmp_path)
     assert checked.returncode == 0 and "refunded 1" in checked.stdout
+
+
+def test_serve_with_two_workers_shares_one_sqlite_ledger(upstream, tmp_path):
+    """`serve --workers 2`: both processes answer, on one WAL-mode SQLite file."""
+    env = env_for(upstream, SCENEMINT_DATA_DIR=str(tmp_path / "data"))
+    server = ServiceProcess(env, cwd=str(tmp_path), args=("--workers", "2")).wait_ready()
+    try:
+
+        async def burst() -> list[int]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                await client.post("/api/quota/check-in", json={"fingerprint": FP})
+                answers = await asyncio.gather(
+                    *(
+                        client.post(
+                            "/api/images/generate", json={"prompt": f"w{i}", "fingerprint": FP}
+                        )
+                        for i in range(30)
+                    )
+                )
+            return [answer.status_code for answer in answers]
+
+        statuses = asyncio.run(burst())
+        assert statuses.count(200) == 10 and statuses.count(402) == 20
+        assert len(upstream.recorded(GENERATIONS)) == 10
+        pids = set(re.findall(r"Started server process \[(\d+)\]", server.log()))
+        assert len(pids) == 2
+    finally:
+        server.stop()
+    checked = audit(env, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr

@@ -121,5 +121,12 @@ def _end_streams_on_sigterm(service: ImageService) -> Iterator[None]:
 
 
 def create_app_from_env() -> FastAPI:
-    """Factory for `uvicorn --factory` (used by `scenemint serve --workers N`)."""
-    return create_app(Settings())
+    """Factory for `uvicorn --factory` (used by `scenemint serve --workers N`).
+
+    Each worker is a fresh process: it sets up its own logging.
+    """
+    from ..logs import configure_logging
+
+    settings = Settings()
+    configure_logging(settings)
+    return create_app(settings)
