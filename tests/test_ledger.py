@@ -156,7 +156,9 @@ def test_lost_edit_is_resubmitted_with_its_reference_then_the_file_is_dropped(se
 
 
 def test_lost_submission_past_the_resubmit_window_is_refunded(tmp_path, upstream, logs):
-    with running_service(make_settings(tmp_path, upstream, resubmit_window=0.0, submit_attempts=1)) as running:
+    with running_service(
+        make_settings(tmp_path, upstream, resubmit_window=0.0, submit_attempts=1)
+    ) as running:
         check_in(running)
         upstream.drop(GENERATIONS, times=1)
         task = generate(running)
