@@ -127,7 +127,8 @@ class TaskListing:
 
     @classmethod
     def from_json(cls, obj: Any) -> TaskListing:
-        if not isinstance(obj, dict) or not isinstance(obj.get("items", []), list):
+        # "items" is required: a listing without it must not read as "every task is missing"
+        if not isinstance(obj, dict) or not isinstance(obj.get("items"), list):
             raise ValueError("task listing of an unexpected shape")
         items = {}
         for raw in obj.get("items") or []:

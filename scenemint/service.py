@@ -336,6 +336,11 @@ class ImageService:
         except BaseException:
             await stack.aclose()
             raise
+        limit = self.settings.max_image_bytes
+        if response.content_length is not None and response.content_length > limit:
+            # known before answering: a clear 502, not a 200 that is cut off after its headers
+            await stack.aclose()
+            raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
         return ImageDownload(
             content_type=_safe_image_type(response.content_type),
             content_length=response.content_length,
@@ -346,8 +351,6 @@ class ImageService:
 
     async def _capped(self, response: ImageResponse, task_id: str) -> AsyncIterator[bytes]:
         limit, sent = self.settings.max_image_bytes, 0
-        if response.content_length is not None and response.content_length > limit:
-            raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
         async for chunk in response.chunks:
             sent += len(chunk)
             if sent > limit:
@@ -487,6 +490,12 @@ class EnhancementStream:
                 if payload == b"[DONE]":
                     yield _DONE
                     return
+                if not _is_chunk(payload):
+                    # garbage or an error object: end with our own frame, never forward it
+                    log.warning("enhancement stream: unexpected frame of %d bytes", len(payload))
+                    yield _error_frame("The prompt enhancement stream was interrupted.")
+                    yield _DONE
+                    return
                 yield b"data: " + payload + b"\n\n"
         finally:
             reader.cancel()
@@ -500,6 +509,15 @@ class EnhancementStream:
         while not queue.empty():
             queue.get_nowait()
         await queue.put(_SHUTDOWN)
+
+
+def _is_chunk(payload: bytes) -> bool:
+    """A JSON object shaped like a chat.completion.chunk (it has a `choices` list)."""
+    try:
+        frame = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(frame, dict) and isinstance(frame.get("choices"), list)
 
 
 def _error_frame(message: str) -> bytes:

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import quote, urlsplit
 
@@ -197,9 +197,11 @@ class UpstreamClient:
             "list", "GET", path, limits=self._timeout(self._settings.poll_timeout), attempts=2
         )
         try:
-            return TaskListing.from_json(answer)
+            listing = TaskListing.from_json(answer)
         except ValueError as exc:
             raise self._fail("list", "invalid", f"unexpected listing: {exc}") from exc
+        items = {task_id: self._scrub(task) for task_id, task in listing.items.items()}
+        return TaskListing(items=items, missing=listing.missing)
 
     async def check(self) -> None:
         """A cheap authenticated call, for readiness: raises when the upstream cannot serve us."""
@@ -302,7 +304,7 @@ class UpstreamClient:
         started = time.perf_counter()
         with self._translate("chat", started, ambiguous_after_send=False, count=False):
             async for line in response.content:
-                yield line
+                yield line.replace(self._key.encode(), b"[redacted]")
 
     # -- the one place aiohttp meets our errors --------------------------------------
 
@@ -361,13 +363,18 @@ class UpstreamClient:
                 self._log_call(method, kind, response.status, started)
                 if response.status >= 300:
                     raise self._status_error(kind, response.status, await self._read_some(response))
-                raw = await response.content.read(_MAX_JSON_BYTES + 1)
+                # read() returns what has arrived so far, not the whole body: read to the end
+                raw = bytearray()
+                async for chunk in response.content.iter_any():
+                    raw += chunk
+                    if len(raw) > _MAX_JSON_BYTES:
+                        break
         if len(raw) > _MAX_JSON_BYTES:
             raise self._fail(kind, "invalid", "answer too large", ambiguous=True)
         try:
             answer = json.loads(raw)
         except ValueError as exc:
-            snippet = raw[:_LOGGED_BODY_CHARS]
+            snippet = bytes(raw[:_LOGGED_BODY_CHARS])
             raise self._fail(kind, "invalid", f"invalid JSON: {snippet!r}", ambiguous=True) from exc
         self.breaker.record(ok=True)
         return answer
@@ -483,7 +490,15 @@ class UpstreamClient:
             raise self._fail(
                 "submit", "invalid", "upstream answered another task id", ambiguous=True
             )
-        return task
+        return self._scrub(task)
+
+    def _scrub(self, task: UpstreamTask) -> UpstreamTask:
+        """The upstream's free text reaches clients and logs: never with our key in it."""
+        return replace(
+            task,
+            error=self._redact(task.error) if task.error else None,
+            revised_prompt=self._redact(task.revised_prompt) if task.revised_prompt else None,
+        )
 
     def _log_call(self, method: str, kind: str, status: int, started: float) -> None:
         self._metrics.upstream_calls.labels(kind, str(status)).inc()

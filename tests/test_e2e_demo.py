@@ -1,0 +1,133 @@
+"""End to end: `scenemint serve --demo` as a real process, used the way a browser would."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from tests.service_runner import free_port
+
+FINGERPRINT = "e2e-demo-fingerprint"
+
+
+def start_demo(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+    # a clean environment: no upstream or database of the developer's leaks into the demo
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CHATGPT2API_", "SCENEMINT_")) and k not in ("HOST", "PORT")
+    }
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "scenemint", "serve", "--demo", "--port", str(port)],
+            cwd=tmp_path,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    return process, log_path
+
+
+def wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"exited early:\n{log_path.read_text()}"
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"not ready:\n{log_path.read_text()}")
+
+
+def test_demo_service_generates_serves_and_enhances(tmp_path):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process, log_path = start_demo(tmp_path, port)
+    try:
+        wait_ready(process, url, log_path)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            checked = http.post("/api/quota/check-in", json={"fingerprint": FINGERPRINT})
+            assert checked.status_code == 200, checked.text
+            assert checked.json()["data"]["balance"] == 10
+
+            generated = http.post(
+                "/api/images/generate",
+                json={"prompt": "a lighthouse at dusk", "size": "16:9", "fingerprint": FINGERPRINT},
+            )
+            assert generated.status_code == 200, generated.text
+            task = generated.json()["data"]
+            assert task["remainingCredits"] == 9
+            assert task["status"] in ("queued", "running")
+
+            deadline = time.monotonic() + 15
+            seen = set()
+            while True:
+                polled = http.get(f"/api/images/tasks/{task['id']}")
+                assert polled.status_code == 200
+                state = polled.json()["data"]
+                seen.add(state["status"])
+                if state["status"] in ("completed", "failed"):
+                    break
+                assert time.monotonic() < deadline, f"still {state['status']}"
+                time.sleep(0.25)
+            assert state["status"] == "completed", state
+            assert state["image"] == f"/api/images/tasks/{task['id']}/image"
+            assert seen & {"queued", "running"}  # it really took a while
+
+            image = http.get(state["image"])
+            assert image.status_code == 200
+            assert image.headers["content-type"] == "image/png"
+            picture = Image.open(io.BytesIO(image.content))
+            picture.verify()
+            assert picture.format == "PNG"
+            width, height = Image.open(io.BytesIO(image.content)).size
+            assert width > height  # 16:9
+
+            with http.stream(
+                "POST",
+                "/api/prompts/enhance",
+                json={"prompt": "a lighthouse", "direction": "details"},
+            ) as stream:
+                assert stream.status_code == 200
+                assert stream.headers["content-type"].startswith("text/event-stream")
+                body = "".join(stream.iter_text())
+            frames = body[:-2].split("\n\n")
+            assert frames[-1] == "data: [DONE]"
+            text = "".join(
+                json.loads(f[len("data: ") :])["choices"][0]["delta"].get("content") or ""
+                for f in frames[:-1]
+            )
+            assert text.strip()
+
+            balance = http.post("/api/quota/status", json={"fingerprint": FINGERPRINT})
+            assert balance.json()["data"]["balance"] == 9
+        assert (tmp_path / "data").is_dir()  # its ./data is where it was started
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            code = process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+            raise
+    log = log_path.read_text()
+    # uvicorn shuts down gracefully, then re-raises the SIGTERM it caught so that the parent
+    # sees why it ended: a clean stop is exit 0 or "terminated by SIGTERM", nothing else
+    assert code in (0, -signal.SIGTERM), log
+    assert "Application shutdown complete" in log, log
+    assert "Finished server process" in log, log
+    assert "Traceback" not in log, log
+    assert "DEMO MODE" in log

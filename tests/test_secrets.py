@@ -1,0 +1,245 @@
+"""The upstream key never leaves the service; every request and upstream call is logged."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import Counter
+
+import httpx
+
+from tests.conftest import FINGERPRINT, check_in, make_settings
+from tests.fake_upstream import CHAT_PATH, TINY_PNG
+from tests.service_runner import LogCapture, RunningService, free_port, running_service
+
+GENERATIONS = "/api/image-tasks/generations"
+EDITS = "/api/image-tasks/edits"
+LISTING = "/api/image-tasks"
+ENHANCE = "/api/prompts/enhance"
+ACCESS = re.compile(
+    r"^INFO scenemint\.access (GET|POST|HEAD) (\S+) -> (\d{3}|aborted) in \d+\.\d ms$"
+)
+UPSTREAM_CALL = re.compile(
+    r"^INFO scenemint\.upstream upstream (GET|POST) (submit|list|image|chat|models) -> (\d{3})"
+    r" in \d+\.\d ms$"
+)
+
+
+class Recorder:
+    """Sends requests and keeps every answer (status, headers, whole body) to inspect later."""
+
+    def __init__(self, service: RunningService) -> None:
+        self.service = service
+        self.answers: list[httpx.Response] = []
+
+    def send(self, method: str, path: str, **kwargs) -> httpx.Response:
+        answer = self.service.http.request(method, path, **kwargs)
+        self.answers.append(answer)
+        return answer
+
+    def generate(self, **kwargs) -> httpx.Response:
+        body = {"prompt": "a fox", "size": "1:1", "fingerprint": FINGERPRINT}
+        return self.send("POST", "/api/images/generate", json=body, **kwargs)
+
+    def enhance(self) -> httpx.Response:
+        return self.send("POST", ENHANCE, json={"prompt": "a fox", "direction": "creative"})
+
+    def assert_never_shows(self, secret: str) -> None:
+        assert self.answers
+        for answer in self.answers:
+            assert secret not in answer.text, (answer.request.url, answer.text)
+            for name, value in answer.headers.items():
+                assert secret not in value, (answer.request.url, name)
+
+
+def wait_for_lines(logs: LogCapture, pattern: re.Pattern[str], count: int) -> list[str]:
+    """Access lines are written once the answer is sent: allow them a moment to arrive."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [line for line in logs.lines if pattern.match(line)]
+        if len(lines) >= count or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.02)
+
+
+# -- the key stays secret -----------------------------------------------------------------
+
+
+def test_the_key_appears_in_no_answer_and_no_log_line(tmp_path, upstream, logs):
+    key = upstream.api_key
+    echo = f"bad key {key}"
+    settings = make_settings(tmp_path, upstream, breaker_threshold=1000, submit_attempts=1)
+    with running_service(settings) as service:
+        calls = Recorder(service)
+        calls.send("POST", "/api/quota/check-in", json={"fingerprint": FINGERPRINT})
+
+        # the happy path: generate, poll, image, enhance
+        task_id = calls.generate().json()["data"]["id"]
+        calls.send("GET", f"/api/images/tasks/{task_id}")
+        upstream.complete_task(task_id)
+        assert calls.send("GET", f"/api/images/tasks/{task_id}").json()["data"]["image"]
+        assert calls.send("GET", f"/api/images/tasks/{task_id}/image").content == TINY_PNG
+        assert calls.send("HEAD", f"/api/images/tasks/{task_id}/image").status_code == 200
+        assert calls.enhance().status_code == 200
+
+        # failures whose upstream bodies echo the key
+        upstream.fail(GENERATIONS, status=500, body=echo, times=1)
+        assert calls.generate().status_code == 502
+        upstream.fail(EDITS, status=500, body=echo, times=1)
+        edit = calls.send(
+            "POST",
+            "/api/images/generate",
+            data={"prompt": "blue", "fingerprint": FINGERPRINT},
+            files={"image": ("r.png", TINY_PNG, "image/png")},
+        )
+        assert edit.status_code == 502
+        upstream.fail(GENERATIONS, status=401, body=echo, times=1)
+        assert calls.generate().status_code == 503
+        running = calls.generate().json()["data"]["id"]
+        upstream.fail(LISTING, status=500, body=echo, times=1)
+        assert calls.send("GET", f"/api/images/tasks/{running}").status_code == 502
+        upstream.garbage(LISTING, times=1)
+        assert calls.send("GET", f"/api/images/tasks/{running}").status_code == 502
+        upstream.fail(CHAT_PATH, status=500, body=echo, times=1)
+        assert calls.enhance().status_code == 502
+        upstream.fail(CHAT_PATH, status=401, body=echo, times=1)
+        assert calls.enhance().status_code == 503
+        other = calls.generate().json()["data"]["id"]
+        upstream.complete_task(other)
+        upstream.fail("/files/", status=500, body=echo, times=1)
+        assert calls.send("GET", f"/api/images/tasks/{other}/image").status_code == 502
+        # a failed task whose upstream error text carries the key
+        failed = calls.generate().json()["data"]["id"]
+        upstream.fail_task(failed, error=echo)
+        polled = calls.send("GET", f"/api/images/tasks/{failed}").json()["data"]
+        assert polled["status"] == "failed"
+        assert polled["error"]
+        # a chat stream whose frames carry the key
+        upstream.chat_chunks = ["your key is ", key]
+        assert calls.enhance().status_code == 200
+        upstream.chat_chunks = ["A ", "fox"]
+        upstream.chat_fail_after = 1
+        assert calls.enhance().status_code == 200
+
+        calls.assert_never_shows(key)
+        assert key not in repr(service.settings)
+        assert key not in str(service.settings)
+        assert key not in repr(service.service.settings)
+
+    # every request upstream did carry it
+    assert upstream.requests
+    assert all(r.authorization == f"Bearer {key}" for r in upstream.requests)
+    assert any("upstream failure" in line for line in logs.lines)  # failures were logged
+    assert key not in logs.text()
+
+
+def test_a_refused_connection_leaks_no_key(tmp_path, logs):
+    key = "refused-key-SECRET-9876"
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    settings = make_settings(
+        tmp_path, None, upstream_base_url=dead, upstream_api_key=key, submit_attempts=2
+    )
+    with running_service(settings) as service:
+        calls = Recorder(service)
+        check_in(service)
+        assert calls.generate().status_code == 502
+        assert calls.enhance().status_code == 502
+        assert calls.send("GET", "/readyz").status_code >= 500
+        calls.assert_never_shows(key)
+    assert "cannot connect" in logs.text()
+    assert key not in logs.text()
+
+
+def test_settings_never_show_the_key(tmp_path, upstream):
+    settings = make_settings(tmp_path, upstream)
+    assert settings.api_key == upstream.api_key
+    for text in (repr(settings), str(settings), settings.model_dump_json()):
+        assert upstream.api_key not in text
+
+
+# -- logging ------------------------------------------------------------------------------
+
+
+def test_one_access_line_per_request(service, upstream, logs):
+    check_in(service)
+    task_id = service.http.post(
+        "/api/images/generate", json={"prompt": "a fox", "fingerprint": FINGERPRINT}
+    ).json()["data"]["id"]
+    upstream.complete_task(task_id)
+    sent = [
+        ("GET", f"/api/images/tasks/{task_id}", 200),
+        ("GET", f"/api/images/tasks/{task_id}/image", 200),
+        ("HEAD", f"/api/images/tasks/{task_id}/image", 200),
+        ("POST", ENHANCE, 200),
+        ("POST", ENHANCE, 400),
+        ("GET", "/api/images/tasks/not-a-uuid/image", 404),
+        ("GET", "/no/such/route", 404),
+        ("POST", "/api/quota/status", 200),
+    ]
+    before = len(wait_for_lines(logs, ACCESS, 2))  # check-in and generate
+    assert before == 2
+    for method, path, status in sent:
+        body = None
+        if path == ENHANCE:
+            body = {"prompt": "x", "direction": "details" if status == 200 else "nope"}
+        if path == "/api/quota/status":
+            body = {"fingerprint": FINGERPRINT}
+        answer = service.http.request(method, path, json=body)
+        assert answer.status_code == status, (path, answer.text)
+    lines = wait_for_lines(logs, ACCESS, before + len(sent))[before:]
+    logged = Counter(ACCESS.match(line).groups() for line in lines)
+    assert logged == Counter((m, p, str(s)) for m, p, s in sent)
+
+
+def test_one_upstream_line_per_upstream_call_with_its_timing(service, upstream, logs):
+    check_in(service)
+    task_id = service.http.post(
+        "/api/images/generate", json={"prompt": "a fox", "fingerprint": FINGERPRINT}
+    ).json()["data"]["id"]
+    service.http.get(f"/api/images/tasks/{task_id}")
+    upstream.complete_task(task_id)
+    service.http.get(f"/api/images/tasks/{task_id}")
+    service.http.get(f"/api/images/tasks/{task_id}/image")
+    service.http.post(ENHANCE, json={"prompt": "x", "direction": "details"})
+    upstream.fail(GENERATIONS, status=500, times=1)
+    service.http.post("/api/images/generate", json={"prompt": "b", "fingerprint": FINGERPRINT})
+
+    kind_of = {
+        GENERATIONS: "submit",
+        LISTING: "list",
+        CHAT_PATH: "chat",
+    }
+    expected = Counter(
+        (r.method, kind_of.get(r.path, "image" if r.path.startswith("/files/") else "?"))
+        for r in upstream.requests
+    )
+    lines = [line for line in logs.lines if UPSTREAM_CALL.match(line)]
+    logged = Counter(UPSTREAM_CALL.match(line).groups()[:2] for line in lines)
+    assert logged == expected
+    assert expected == Counter(
+        {("POST", "submit"): 2, ("GET", "list"): 2, ("GET", "image"): 1, ("POST", "chat"): 1}
+    )
+    statuses = Counter(UPSTREAM_CALL.match(line).group(3) for line in lines)
+    assert statuses == Counter({"200": 5, "500": 1})
+
+
+def test_an_upstream_failure_is_logged_with_its_status_and_a_truncated_body(
+    service, upstream, logs
+):
+    check_in(service)
+    long_body = "E" + "x" * 2000
+    upstream.fail(GENERATIONS, status=500, body=long_body, content_type="text/plain", times=1)
+    answer = service.http.post(
+        "/api/images/generate", json={"prompt": "a fox", "fingerprint": FINGERPRINT}
+    )
+    assert answer.status_code == 502
+    assert "xxx" not in answer.text  # the body is for the log only
+    failures = [line for line in logs.lines if "upstream failure" in line]
+    assert len(failures) == 1
+    line = failures[0]
+    assert line.startswith("WARNING scenemint.upstream")
+    assert "HTTP 500" in line
+    assert "Ex" in line
+    body_in_log = line[line.index("Ex") :]
+    assert 100 <= len(body_in_log) <= 400  # a readable start, not the whole body
+    assert long_body not in line
