@@ -14,6 +14,7 @@ letting requests pile up behind a dead upstream.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import random
@@ -355,7 +356,9 @@ class UpstreamClient:
             async with self._session.request(
                 method,
                 self.root + path,
-                data=data,
+                # a fresh BytesIO per attempt: sized (so sent with Content-Length, not chunked)
+                # and written in slices; aiohttp warns about raw bytes bodies over 1 MiB
+                data=io.BytesIO(data) if data is not None else None,
                 headers=headers,
                 timeout=limits,
                 allow_redirects=False,
