@@ -1,13 +1,17 @@
-"""The `scenemint` command line: run the service, run the demo upstream, audit credits."""
+"""The `scenemint` command line: run the service, run the demo upstream, audit credits;
+the client commands (generate, enhance, credits) live in `cli_client`."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import signal
+from types import FrameType
 from typing import Annotated
 
 import typer
 
+from .cli_client import credits, enhance, generate
 from .config import Settings
 
 app = typer.Typer(
@@ -17,6 +21,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 credits_app = typer.Typer(help="Credits: balance and check-in, and the server-side audit.")
+credits_app.callback(invoke_without_command=True)(credits)
 
 
 @app.command()
@@ -51,6 +56,11 @@ def serve(
     target: object = (
         "scenemint.web.app:create_app_from_env" if workers > 1 else create_app(settings, demo=demo)
     )
+    if workers == 1:
+        # uvicorn re-raises the signal that stopped it once its graceful shutdown is done;
+        # with the default handler the process would then die "killed by SIGTERM". A stop
+        # that was asked for and completed is a clean exit.
+        signal.signal(signal.SIGTERM, _exit_cleanly)
     uvicorn.run(
         target,  # type: ignore[arg-type]
         factory=workers > 1,
@@ -62,6 +72,10 @@ def serve(
         server_header=False,
         timeout_graceful_shutdown=10,
     )
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
 
 
 @app.command("demo-upstream")
@@ -107,6 +121,8 @@ def credits_audit() -> None:
         raise typer.Exit(1)
 
 
+app.command()(generate)
+app.command()(enhance)
 app.add_typer(credits_app, name="credits")
 
 

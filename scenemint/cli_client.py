@@ -1,0 +1,250 @@
+"""The client half of the `scenemint` command: `generate`, `enhance` and `credits`, which talk
+to a running server through `scenemint.client`.
+
+Output contract: results (the image path, the JSON, the rewrite, the balance) go to stdout;
+the status line and errors go to stderr. Every ClientError ends up in `_reported`: one line
+`error: ...`, exit code 2 for refused input, 1 otherwise, never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.status import Status
+
+from .client import Client, ClientError, InvalidInputError, NoCreditsError, Task
+from .client._base import DEFAULT_SERVER
+
+ServerOption = Annotated[
+    str,
+    typer.Option(
+        "--server",
+        envvar="SCENEMINT_SERVER",
+        help="URL of the SceneMint server.",
+    ),
+]
+FingerprintOption = Annotated[
+    str | None,
+    typer.Option(
+        "--fingerprint",
+        envvar="SCENEMINT_FINGERPRINT",
+        help="Fingerprint your credits are kept under (default: one stored in your config dir).",
+        show_default=False,
+    ),
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@contextmanager
+def _reported(*, server: str, fingerprint: str | None = None) -> Iterator[None]:
+    """The one place client errors become a line on stderr and an exit code."""
+    try:
+        yield
+    except ClientError as exc:
+        message = " ".join(exc.message.split())
+        if isinstance(exc, NoCreditsError):
+            message += f" Run `{_check_in_command(server, fingerprint)}`."
+        typer.echo(f"error: {message}", err=True)
+        raise typer.Exit(2 if isinstance(exc, InvalidInputError) else 1) from None
+    except KeyboardInterrupt:
+        typer.echo("error: interrupted", err=True)
+        raise typer.Exit(130) from None
+
+
+def _check_in_command(server: str, fingerprint: str | None) -> str:
+    command = "scenemint credits --check-in"
+    if server.rstrip("/") != DEFAULT_SERVER:
+        command += f" --server {server}"
+    if fingerprint is not None:
+        command += f" --fingerprint {fingerprint}"
+    return command
+
+
+# --------------------------------------------------------------------------- generate
+
+
+class StatusLine:
+    """queued → running → completed with the elapsed time, on stderr.
+
+    On a terminal: a spinner line that rewrites itself. Elsewhere (a pipe, a log file):
+    one plain line per status change, so that logs show the progress too.
+    """
+
+    def __init__(self, console: Console, task: Task) -> None:
+        self._console = console
+        self._label = task.id[:8]
+        self._state: str = task.status
+        self._started = time.monotonic()
+        self._spinner: Status | None = None
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self._started
+
+    def __rich__(self) -> str:
+        # rendered again on every refresh of the spinner: the time keeps running
+        return f"{self._label} {self._state} {self.elapsed():.1f}s"
+
+    def update(self, task: Task) -> None:
+        self._state = task.status
+        if self._spinner is None:
+            typer.echo(f"{self._label} {task.status} {self.elapsed():.1f}s", err=True)
+
+    def __enter__(self) -> StatusLine:
+        if self._console.is_terminal:
+            self._spinner = self._console.status(self)
+            self._spinner.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self._spinner is not None:
+            self._spinner.stop()
+            self._console.print(self.__rich__(), highlight=False, markup=False)
+
+
+def generate(
+    prompt: Annotated[str, typer.Argument(help="What the image should show.", show_default=False)],
+    size: Annotated[str, typer.Option("--size", help="Aspect ratio: 1:1, 16:9 or 9:16.")] = "1:1",
+    image: Annotated[
+        Path | None,
+        typer.Option("--image", help="A reference image (PNG, JPEG, WebP, GIF) to edit from."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "-o", "--output", help="Where to write the image (default: scenemint-<id>.png)."
+        ),
+    ] = None,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Submit, print the task id and return.")
+    ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the final task as JSON instead of the path.")
+    ] = False,
+    timeout: Annotated[
+        float, typer.Option("--timeout", min=0.1, help="Give up waiting after this many seconds.")
+    ] = 600.0,
+    poll_interval: Annotated[
+        float, typer.Option("--poll-interval", min=0.01, help="Seconds between status checks.")
+    ] = 1.0,
+    server: ServerOption = DEFAULT_SERVER,
+    fingerprint: FingerprintOption = None,
+) -> None:
+    """Generate an image from PROMPT (one credit), wait for it and write it to a file."""
+    with (
+        _reported(server=server, fingerprint=fingerprint),
+        Client(server, fingerprint=fingerprint) as client,
+    ):
+        submitted = client.generate(prompt, size=size, reference=image)
+        if no_wait:
+            typer.echo(_json(submitted.to_json()) if as_json else submitted.id)
+            return
+        with StatusLine(Console(stderr=True), submitted) as status:
+            final = client.wait(
+                submitted.id,
+                timeout=timeout,
+                poll_interval=poll_interval,
+                on_update=status.update,
+            )
+        # the polled task does not repeat what only the submission answer knew
+        final = dataclasses.replace(
+            final, prompt=submitted.prompt, remaining_credits=submitted.remaining_credits
+        )
+        if final.status == "failed":
+            if as_json:
+                typer.echo(_json(final.to_json()))
+            raise ClientError(
+                f"the generation failed: {final.error or 'no reason given'}"
+                " (the credit was given back)",
+                code="generation_failed",
+            )
+        target = client.download(final.id, output or Path(f"scenemint-{final.id[:8]}.png"))
+        if as_json:
+            typer.echo(_json({**final.to_json(), "file": str(target)}))
+        else:
+            typer.echo(str(target))
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False, indent=2)
+
+
+# --------------------------------------------------------------------------- enhance
+
+
+def enhance(
+    prompt: Annotated[str, typer.Argument(help="The prompt to improve.", show_default=False)],
+    direction: Annotated[
+        str,
+        typer.Option(
+            "--direction", help="details (more visual detail) or creative (a bolder take)."
+        ),
+    ] = "details",
+    server: ServerOption = DEFAULT_SERVER,
+) -> None:
+    """Rewrite PROMPT into a richer one, printed as it streams in (costs no credit)."""
+    with _reported(server=server), Client(server) as client:
+        started = False
+        try:
+            for delta in client.enhance(prompt, direction):
+                typer.echo(delta, nl=False)  # click.echo flushes: text shows as it comes
+                started = True
+        finally:
+            if started:
+                typer.echo()
+
+
+# --------------------------------------------------------------------------- credits
+
+
+def credits(
+    ctx: typer.Context,
+    check_in: Annotated[
+        bool, typer.Option("--check-in", help="Take today's free credits first.")
+    ] = False,
+    server: ServerOption = DEFAULT_SERVER,
+    fingerprint: FingerprintOption = None,
+) -> None:
+    """Credits: your balance and today's check-in (`--check-in` takes it); `audit` checks the
+    server's database."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with (
+        _reported(server=server, fingerprint=fingerprint),
+        Client(server, fingerprint=fingerprint) as client,
+    ):
+        if check_in:
+            before = client.quota()
+            quota = client.check_in()
+            gained = quota.balance - before.balance
+            if gained > 0:
+                typer.echo(f"checked in: +{gained} credits")
+            elif before.signed_today:
+                typer.echo("already checked in today")
+            else:
+                typer.echo(f"checked in: no credits added (the cap is {quota.cap})")
+        else:
+            quota = client.quota()
+        typer.echo(f"balance: {quota.balance} credits (cap {quota.cap})")
+        if quota.signed_today:
+            typer.echo("today's check-in: taken")
+        else:
+            typer.echo(
+                f"today's check-in: not taken yet (+{quota.daily_grant}):"
+                f" run `{_check_in_command(server, fingerprint)}`"
+            )

@@ -1,0 +1,149 @@
+"""`AsyncClient`: the asyncio client. It mirrors `Client` line for line; what they share
+(requests, parsing, errors) lives in `_base`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, overload
+
+import httpx
+
+from ._base import (
+    DEFAULT_SERVER,
+    BaseClient,
+    Call,
+    DeltaReader,
+    ImageFile,
+    OnUpdate,
+    Polling,
+    Quota,
+    Reference,
+    Task,
+    read_reference,
+    transport_errors,
+)
+
+
+class AsyncClient(BaseClient):
+    """A SceneMint server, seen from asyncio. `aclose()` it, or use `async with`.
+
+        async with AsyncClient("http://127.0.0.1:3000") as client:
+            async for delta in client.enhance("a lighthouse", "creative"):
+                print(delta, end="")
+
+    Leaving `enhance()` early: wrap it in `contextlib.aclosing` so the stream closes at once.
+    """
+
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        *,
+        fingerprint: str | None = None,
+        config_dir: str | os.PathLike[str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(server, fingerprint=fingerprint, config_dir=config_dir, timeout=timeout)
+        self._http = httpx.AsyncClient(**self._http_options())
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def _send(self, call: Call) -> Any:
+        with transport_errors(self.server):
+            response = await self._http.request(**self._request_options(call))
+        return self._data(response)
+
+    async def quota(self) -> Quota:
+        """The balance, the cap and whether today's grant was taken."""
+        return Quota.from_json(await self._send(self._quota_call()))
+
+    async def check_in(self) -> Quota:
+        """Take today's grant (once per calendar day, up to the cap); the quota after it."""
+        return Quota.from_json(await self._send(self._check_in_call()))
+
+    async def generate(
+        self, prompt: str, *, size: str = "1:1", reference: Reference | None = None
+    ) -> Task:
+        """Spend one credit and submit a generation (an edit when `reference` is given)."""
+        # reading a file may block: off the event loop
+        part = await asyncio.to_thread(read_reference, reference) if reference is not None else None
+        call = self._generate_call(prompt, size=size, reference=part)
+        return Task.from_json(await self._send(call))
+
+    async def task(self, task_id: str) -> Task:
+        """The task's current state (a failed "task not found or expired" for unknown ids)."""
+        return Task.from_json(await self._send(self._task_call(task_id)))
+
+    async def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float = 600.0,  # noqa: ASYNC109 - the same signature as Client.wait
+        poll_interval: float = 1.0,
+        on_update: OnUpdate | None = None,
+    ) -> Task:
+        """Poll until the task is completed or failed; `on_update(task)` on each new status.
+
+        Returns the final task (a failed task is returned, not raised); raises WaitTimeout.
+        """
+        polling = Polling(
+            task_id, timeout=timeout, poll_interval=poll_interval, on_update=on_update
+        )
+        while True:
+            task = await self.task(task_id)
+            if polling.seen(task):
+                return task
+            await asyncio.sleep(polling.pause())
+
+    @overload
+    async def download(self, task_id: str) -> bytes: ...
+    @overload
+    async def download(self, task_id: str, path: str | os.PathLike[str]) -> Path: ...
+    async def download(
+        self, task_id: str, path: str | os.PathLike[str] | None = None
+    ) -> bytes | Path:
+        """The finished image: its bytes, or written to `path` (returned) when given."""
+        call = self._image_call(task_id)
+        with transport_errors(self.server):
+            async with self._http.stream(**self._request_options(call)) as r:
+                if not r.is_success:
+                    await r.aread()
+                    raise self._failure(r)
+                if path is None:
+                    return await r.aread()
+                with ImageFile(Path(path)) as target:
+                    async for chunk in r.aiter_bytes():
+                        target.write(chunk)
+                return target.path
+
+    async def enhance(self, prompt: str, direction: str = "details") -> AsyncIterator[str]:
+        """A rewrite of the prompt (`details` or `creative`), as text deltas when they arrive."""
+        call = self._enhance_call(prompt, direction)
+        reader = DeltaReader()
+        with transport_errors(self.server):
+            async with self._http.stream(**self._request_options(call)) as r:
+                if not r.is_success:
+                    await r.aread()
+                    raise self._failure(r)
+                async for line in r.aiter_lines():
+                    delta = reader.feed(line)
+                    if delta is not None:
+                        yield delta
+                    if reader.done:
+                        return
+        reader.end()

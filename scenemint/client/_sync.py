@@ -1,0 +1,147 @@
+"""`Client`: the blocking client. It mirrors `AsyncClient` line for line; what they share
+(requests, parsing, errors) lives in `_base`."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, overload
+
+import httpx
+
+from ._base import (
+    DEFAULT_SERVER,
+    BaseClient,
+    Call,
+    DeltaReader,
+    ImageFile,
+    OnUpdate,
+    Polling,
+    Quota,
+    Reference,
+    Task,
+    read_reference,
+    transport_errors,
+)
+
+
+class Client(BaseClient):
+    """A SceneMint server, seen from Python. Close it, or use it as a context manager.
+
+    with Client("http://127.0.0.1:3000") as client:
+        client.check_in()
+        task = client.wait(client.generate("a lighthouse at dusk").id)
+        client.download(task.id, "lighthouse.png")
+    """
+
+    def __init__(
+        self,
+        server: str = DEFAULT_SERVER,
+        *,
+        fingerprint: str | None = None,
+        config_dir: str | os.PathLike[str] | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        super().__init__(
+            server,
+            fingerprint=fingerprint,
+            config_dir=config_dir,
+            timeout=timeout,
+        )
+        self._http = httpx.Client(**self._http_options())
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _send(self, call: Call) -> Any:
+        with transport_errors(self.server):
+            response = self._http.request(**self._request_options(call))
+        return self._data(response)
+
+    def quota(self) -> Quota:
+        """The balance, the cap and whether today's grant was taken."""
+        return Quota.from_json(self._send(self._quota_call()))
+
+    def check_in(self) -> Quota:
+        """Take today's grant (once per calendar day, up to the cap); the quota after it."""
+        return Quota.from_json(self._send(self._check_in_call()))
+
+    def generate(
+        self, prompt: str, *, size: str = "1:1", reference: Reference | None = None
+    ) -> Task:
+        """Spend one credit and submit a generation (an edit when `reference` is given)."""
+        part = read_reference(reference) if reference is not None else None
+        return Task.from_json(self._send(self._generate_call(prompt, size=size, reference=part)))
+
+    def task(self, task_id: str) -> Task:
+        """The task's current state (a failed "task not found or expired" for unknown ids)."""
+        return Task.from_json(self._send(self._task_call(task_id)))
+
+    def wait(
+        self,
+        task_id: str,
+        *,
+        timeout: float = 600.0,
+        poll_interval: float = 1.0,
+        on_update: OnUpdate | None = None,
+    ) -> Task:
+        """Poll until the task is completed or failed; `on_update(task)` on each new status.
+
+        Returns the final task (a failed task is returned, not raised); raises WaitTimeout.
+        """
+        polling = Polling(
+            task_id, timeout=timeout, poll_interval=poll_interval, on_update=on_update
+        )
+        while True:
+            task = self.task(task_id)
+            if polling.seen(task):
+                return task
+            time.sleep(polling.pause())
+
+    @overload
+    def download(self, task_id: str) -> bytes: ...
+    @overload
+    def download(self, task_id: str, path: str | os.PathLike[str]) -> Path: ...
+    def download(self, task_id: str, path: str | os.PathLike[str] | None = None) -> bytes | Path:
+        """The finished image: its bytes, or written to `path` (returned) when given."""
+        call = self._image_call(task_id)
+        with transport_errors(self.server), self._http.stream(**self._request_options(call)) as r:
+            if not r.is_success:
+                r.read()
+                raise self._failure(r)
+            if path is None:
+                return r.read()
+            with ImageFile(Path(path)) as target:
+                for chunk in r.iter_bytes():
+                    target.write(chunk)
+            return target.path
+
+    def enhance(self, prompt: str, direction: str = "details") -> Iterator[str]:
+        """A rewrite of the prompt (`details` or `creative`), as text deltas when they arrive."""
+        call = self._enhance_call(prompt, direction)
+        reader = DeltaReader()
+        with transport_errors(self.server), self._http.stream(**self._request_options(call)) as r:
+            if not r.is_success:
+                r.read()
+                raise self._failure(r)
+            for line in r.iter_lines():
+                delta = reader.feed(line)
+                if delta is not None:
+                    yield delta
+                if reader.done:
+                    return
+        reader.end()
