@@ -19,7 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import Settings
-from .errors import BadRequest, NotConfigured, NotFound, NotReady, UpstreamError
+from .errors import (
+    BadRequest,
+    NotConfigured,
+    NotFound,
+    NotReady,
+    ScenemintError,
+    UpstreamError,
+)
 from .metrics import Metrics
 from .models import (
     MISSING_TASK_ERROR,
@@ -386,16 +393,23 @@ class ImageService:
     # -- operations ---------------------------------------------------------------------------
 
     async def ready(self) -> None:
-        """Raise unless the database answers and the upstream accepts our key (cached 5 s)."""
+        """Raise NotReady (503) unless the database answers and the upstream accepts our key.
+
+        A success is cached for 5 s, a failure is not. Why it failed goes to the log.
+        """
         try:
             await self.store.ping()
         except Exception as exc:
-            log.error("database not reachable: %s", type(exc).__name__)
+            log.error("not ready: database not reachable: %s", type(exc).__name__)
             raise NotReady(detail="database not reachable") from exc
         now = time.monotonic()
         if now - self._ready_at < _READY_CACHE_SECONDS:
             return
-        await self._require_upstream().check()
+        try:
+            await self._require_upstream().check()
+        except ScenemintError as exc:
+            log.error("not ready: upstream: %s", exc.code)
+            raise NotReady(detail=f"upstream: {exc.code}") from exc
         self._ready_at = now
 
     # -- helpers -----------------------------------------------------------------------------

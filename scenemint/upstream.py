@@ -227,7 +227,10 @@ class UpstreamClient:
             for _ in range(_MAX_REDIRECTS + 1):
                 origin = origin_of(url)
                 if origin is None or origin not in self._image_origins:
-                    raise self._fail("image", "forbidden", f"image origin not allowed: {origin}")
+                    # our refusal, not an upstream failure: it must not open the breaker
+                    raise self._fail(
+                        "image", "forbidden", f"image origin not allowed: {origin}", count=False
+                    )
                 headers = self._auth_headers() if origin == self._origin else {}
                 response = await self._session.get(
                     url, headers=headers, timeout=timeout, allow_redirects=False

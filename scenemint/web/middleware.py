@@ -13,12 +13,13 @@ import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ..metrics import Metrics
+from ..metrics import Metrics, route_of
 
 log = logging.getLogger("scenemint.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class RequestLogMiddleware:
@@ -46,13 +47,19 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            elapsed = time.perf_counter() - started
             log.info(
                 "%s %s -> %s in %.1f ms",
                 scope["method"],
                 scope["path"],
                 status or "aborted",
-                (time.perf_counter() - started) * 1000,
+                elapsed * 1000,
             )
+            # bounded labels only: route templates, known methods
+            route = route_of(scope["path"])
+            method = scope["method"] if scope["method"] in _METHODS else "other"
+            self.metrics.requests.labels(route, method, str(status or "aborted")).inc()
+            self.metrics.latency.labels(route).observe(elapsed)
             request_id_var.reset(token)
 
 

@@ -84,7 +84,10 @@ async def get_task(task_id: str, service: ServiceDep) -> Response:
     return ok(task.to_json())
 
 
-@router.api_route("/api/images/tasks/{task_id}/image", methods=["GET", "HEAD"])
+# two routes, not one with methods=["GET", "HEAD"]: that one gives both operations the same
+# OpenAPI operationId (an invalid schema, and a warning each time it is built)
+@router.get("/api/images/tasks/{task_id}/image")
+@router.head("/api/images/tasks/{task_id}/image", operation_id="head_task_image")
 async def get_image(task_id: str, request: Request, service: ServiceDep) -> Response:
     """The finished image, streamed from the upstream. Immutable: cacheable forever."""
     etag = f'"{task_id}"'
