@@ -48,6 +48,7 @@ def serve(
             }
         )
     configure_logging(settings)
+    _raise_open_files_limit()
     if workers > 1 and demo:
         raise typer.BadParameter("--demo runs one process: its demo upstream lives inside it")
     if workers > 1:
@@ -124,6 +125,20 @@ def credits_audit() -> None:
 app.command()(generate)
 app.command()(enhance)
 app.add_typer(credits_app, name="credits")
+
+
+def _raise_open_files_limit() -> None:
+    """Every open stream holds two sockets (client and upstream): lift the soft limit of
+    open files to the hard one, as servers do, so 1,000 streams do not hit the default 1,024."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = 65_536 if hard == resource.RLIM_INFINITY else hard
+        if soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def main() -> None:

@@ -74,7 +74,10 @@ class Settings(BaseSettings):
     )
     breaker_cooldown: float = Field(10.0, ge=0, validation_alias=_env("SCENEMINT_BREAKER_COOLDOWN"))
     upstream_pool_size: int = Field(
-        100, ge=1, validation_alias=_env("SCENEMINT_UPSTREAM_POOL_SIZE")
+        2048,
+        ge=1,
+        validation_alias=_env("SCENEMINT_UPSTREAM_POOL_SIZE"),
+        description="most upstream connections at once; each open enhancement stream holds one",
     )
 
     # -- polling and reconciliation ------------------------------------------------

@@ -13,6 +13,7 @@ from types import FrameType
 
 from fastapi import FastAPI
 from pydantic import SecretStr
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from ..metrics import Metrics
@@ -28,7 +29,25 @@ from .routes import router
 log = logging.getLogger("scenemint")
 
 
-def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastAPI:
+class ServiceApp(FastAPI):
+    """The FastAPI app behind two plain ASGI layers: the request log and the poll fast path.
+
+    They sit in front of FastAPI's own middleware stack, not inside it: the task poll is
+    most of the traffic, and every framework layer it skips is throughput (see bench/).
+    """
+
+    _front: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._front is None:
+            framework = super().__call__
+            self._front = RequestLogMiddleware(
+                TaskPollFastPath(framework, state=self.state), metrics=self.state.metrics
+            )
+        await self._front(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, *, demo: bool = False) -> ServiceApp:
     """Build the app. With `demo=True` a local demo upstream starts inside the lifespan."""
     base_settings = settings or Settings()
 
@@ -62,7 +81,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
 
     metrics = Metrics()
 
-    app = FastAPI(
+    app = ServiceApp(
         title="SceneMint image service",
         version="0.1.0",
         summary="A credit-limited gateway to chatgpt2api image tasks.",
@@ -70,9 +89,6 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> FastA
     )
     install_error_handlers(app)
     app.include_router(router)
-    # added last = outermost: every request is logged, the fast path included
-    app.add_middleware(TaskPollFastPath)
-    app.add_middleware(RequestLogMiddleware, metrics=metrics)
     app.state.metrics = metrics
     return app
 
@@ -120,7 +136,7 @@ def _end_streams_on_sigterm(service: ImageService) -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def create_app_from_env() -> FastAPI:
+def create_app_from_env() -> ServiceApp:
     """Factory for `uvicorn --factory` (used by `scenemint serve --workers N`).
 
     Each worker is a fresh process: it sets up its own logging.

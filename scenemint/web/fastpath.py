@@ -2,26 +2,38 @@
 
 This is the route the front end polls every two seconds for every active task: most of
 the service's traffic. FastAPI's routing, dependency solving and request objects cost
-more than the answer itself (see bench/ and the README), so this ASGI middleware answers
-it directly with the same service call and the same envelope and error mapping as every
-other route. The FastAPI route of the same path stays for the OpenAPI documentation and
-is reached only by requests this layer passes on.
+more than the answer itself (see bench/ and the README), so this ASGI layer answers it
+directly with the same service call and the same envelope and error mapping as every
+other route, and reuses an encoded answer while it cannot have changed. The FastAPI route
+of the same path stays for the OpenAPI documentation and is reached only by requests this
+layer passes on.
 """
 
 from __future__ import annotations
 
+import time
+
+from starlette.datastructures import State
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..models import TERMINAL
 from ..service import ImageService
 from .envelope import error_parts, ok_body
 
 _PREFIX = "/api/images/tasks/"
 _JSON_HEADER = (b"content-type", b"application/json")
+_FINISHED_ANSWER_SECONDS = 60.0
+_MAX_ANSWERS = 50_000
 
 
 class TaskPollFastPath:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, state: State) -> None:
         self.app = app
+        self._state = state  # the app's state: it holds the service once the lifespan ran
+        # Encoded answers, reused while they cannot have changed: an unfinished task's for
+        # the poll interval (the poller would give the same upstream answer anyway), a
+        # finished task's for longer (it never changes again). Bounded: unknown ids churn it.
+        self._answers: dict[str, tuple[float, bytes]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -32,17 +44,33 @@ class TaskPollFastPath:
         await self.app(scope, receive, send)
 
     async def _poll(self, scope: Scope, send: Send, task_id: str) -> None:
-        service: ImageService = scope["app"].state.service
         headers = [_JSON_HEADER]
         try:
-            task = await service.get_task(task_id)
-            status, body = 200, ok_body(task.to_json())
+            status, body = 200, await self._answer(task_id)
         except Exception as exc:
             status, body, extra = error_parts(exc, _header(scope, b"accept-language"))
             headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
+
+    async def _answer(self, task_id: str) -> bytes:
+        now = time.monotonic()
+        cached = self._answers.get(task_id)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        service: ImageService = self._state.service
+        task = await service.get_task(task_id)
+        body = ok_body(task.to_json())
+        fresh_for = (
+            _FINISHED_ANSWER_SECONDS
+            if task.status in TERMINAL
+            else service.settings.poll_min_interval
+        )
+        if len(self._answers) >= _MAX_ANSWERS:
+            self._answers.clear()
+        self._answers[task_id] = (now + fresh_for, body)
+        return body
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

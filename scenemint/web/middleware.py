@@ -6,10 +6,12 @@ Plain ASGI, not BaseHTTPMiddleware: it costs a few microseconds and never buffer
 from __future__ import annotations
 
 import contextvars
+import itertools
 import logging
+import os
 import re
 import time
-import uuid
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,13 +28,17 @@ class RequestLogMiddleware:
     def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+        # ids unique across processes (random prefix) and cheap within one (a counter)
+        self._id_prefix = os.urandom(4).hex()
+        self._ids = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        request_id = _incoming_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_id(scope) or f"{self._id_prefix}{next(self._ids):08x}"
         token = request_id_var.set(request_id)
         status = 0
         header = (b"x-request-id", request_id.encode())
@@ -55,12 +61,26 @@ class RequestLogMiddleware:
                 status or "aborted",
                 elapsed * 1000,
             )
-            # bounded labels only: route templates, known methods
-            route = route_of(scope["path"])
-            method = scope["method"] if scope["method"] in _METHODS else "other"
-            self.metrics.requests.labels(route, method, str(status or "aborted")).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
+            self._observe(scope["path"], scope["method"], status, elapsed)
             request_id_var.reset(token)
+
+    def _observe(self, path: str, method: str, status: int, elapsed: float) -> None:
+        # bounded labels only: route templates, known methods. The labelled children are
+        # kept: looking them up in prometheus_client costs more than the poll itself.
+        route = route_of(path)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (
+                self.metrics.requests.labels(
+                    route, method if method in _METHODS else "other", str(status or "aborted")
+                ),
+                self.metrics.latency.labels(route),
+            )
+            if len(self._children) < 10_000:
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(elapsed)
 
 
 def _incoming_id(scope: Scope) -> str | None:
