@@ -11,6 +11,7 @@ layer passes on.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from starlette.datastructures import State
@@ -34,6 +35,7 @@ class TaskPollFastPath:
         # the poll interval (the poller would give the same upstream answer anyway), a
         # finished task's for longer (it never changes again). Bounded: unknown ids churn it.
         self._answers: dict[str, tuple[float, bytes]] = {}
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
@@ -59,6 +61,25 @@ class TaskPollFastPath:
         cached = self._answers.get(task_id)
         if cached is not None and cached[0] > now:
             return cached[1]
+        # when an answer expires under load, one poller computes it and the rest wait for it
+        pending = self._pending.get(task_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._pending[task_id] = future
+        try:
+            body = await self._compute(task_id, now)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved here: nobody else may be waiting
+            raise
+        else:
+            future.set_result(body)
+            return body
+        finally:
+            del self._pending[task_id]
+
+    async def _compute(self, task_id: str, now: float) -> bytes:
         service: ImageService = self._state.service
         task = await service.get_task(task_id)
         body = ok_body(task.to_json())
