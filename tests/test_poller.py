@@ -170,3 +170,28 @@ def test_64_concurrent_pollers_through_the_service_cost_few_upstream_calls(
         # at most one listing per 0.5 s interval, however many pollers (the original: 200)
         assert calls <= elapsed / 0.5 + 1, (calls, elapsed)
         assert calls < 10
+
+
+def test_a_reused_poll_answer_is_never_older_than_the_poll_interval(tmp_path, upstream, logs):
+    """Poll answers are reused for speed, but a change shows within `poll_min_interval`."""
+    settings = make_settings(tmp_path, upstream, poll_min_interval=0.4)
+    with running_service(settings) as running:
+        check_in(running)
+        task = running.http.post(
+            "/api/images/generate", json={"prompt": "x", "fingerprint": FINGERPRINT}
+        ).json()["data"]
+        url = f"/api/images/tasks/{task['id']}"
+        upstream.set_task(task["id"], status="running")
+        time.sleep(0.45)
+        assert running.http.get(url).json()["data"]["status"] == "running"
+        upstream.fail_task(task["id"], "late failure")
+        changed_at = time.monotonic()
+        while running.http.get(url).json()["data"]["status"] != "failed":
+            assert time.monotonic() - changed_at < 0.4 + 0.3, "stale answer outlived the interval"
+            time.sleep(0.02)
+        assert (
+            running.http.post("/api/quota/status", json={"fingerprint": FINGERPRINT}).json()[
+                "data"
+            ]["balance"]
+            == 10
+        )
