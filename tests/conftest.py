@@ -25,6 +25,9 @@ def upstream() -> Iterator[FakeUpstream]:
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
 
 from scenemint.config import Settings  # noqa: E402
 from tests.service_runner import LogCapture, RunningService, running_service  # noqa: E402
@@ -65,6 +68,17 @@ def service(tmp_path: Path, upstream: FakeUpstream, logs: LogCapture) -> Iterato
     """The real app on a loopback port, wired to the fake upstream and a fresh SQLite file."""
     with running_service(make_settings(tmp_path, upstream)) as running:
         yield running
+
+
+def assert_envelope(answer: httpx.Response, status: int, code: str) -> dict[str, Any]:
+    """A failure in the envelope: the status, code -1, the machine code, a message."""
+    assert answer.status_code == status, answer.text
+    assert answer.headers["content-type"].startswith("application/json")
+    body: dict[str, Any] = answer.json()
+    assert body["code"] == -1, body
+    assert body["error"] == code, body
+    assert isinstance(body["message"], str) and body["message"], body
+    return body
 
 
 def check_in(running: RunningService, fingerprint: str = FINGERPRINT) -> int:

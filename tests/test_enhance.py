@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import make_settings
+from tests.conftest import assert_envelope, make_settings
 from tests.fake_upstream import CHAT_PATH, FakeUpstream
 from tests.service_runner import RunningService, running_service
 
@@ -41,15 +41,6 @@ def enhance(service: RunningService, prompt: str = "a fox", direction: str = "de
 
 def chat_requests(upstream: FakeUpstream):
     return upstream.recorded(CHAT_PATH, method="POST")
-
-
-def assert_envelope(answer: httpx.Response, status: int, code: str) -> None:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
-    assert body["code"] == -1
-    assert body["error"] == code
-    assert body["message"]
 
 
 # -- the upstream request -------------------------------------------------------------------

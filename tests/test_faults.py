@@ -19,6 +19,7 @@ import pytest
 
 from scenemint.errors import UpstreamError
 from tests.conftest import FINGERPRINT, balance, check_in, make_settings
+from tests.conftest import assert_envelope as shared_assert_envelope
 from tests.fake_upstream import DEFAULT_API_KEY, FakeUpstream
 from tests.service_runner import RunningService, free_port, running_service
 
@@ -133,12 +134,7 @@ def audit(running: RunningService):
 
 
 def assert_envelope(answer: httpx.Response, status: int, code: str) -> None:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
-    assert body["code"] == -1
-    assert body["error"] == code
-    assert isinstance(body["message"], str) and body["message"]
+    body = shared_assert_envelope(answer, status, code)
     assert "upstream exploded" not in body["message"]  # the upstream's words stay in the log
 
 

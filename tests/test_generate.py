@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FINGERPRINT, balance, check_in, make_settings
+from tests.conftest import FINGERPRINT, assert_envelope, balance, check_in, make_settings
 from tests.fake_upstream import DEFAULT_API_KEY, TINY_PNG, FakeUpstream, RecordedRequest
 from tests.service_runner import RunningService, free_port, running_service
 
@@ -64,16 +64,6 @@ def generate_form(
 def submissions(upstream: FakeUpstream) -> list[RecordedRequest]:
     """Every submission (generation or edit) the upstream received."""
     return upstream.recorded("/api/image-tasks/", method="POST")
-
-
-def assert_envelope(answer: httpx.Response, status: int, code: str) -> dict[str, Any]:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
-    assert body["code"] == -1, body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"], body
-    return body
 
 
 def assert_nothing_happened(svc: RunningService, upstream: FakeUpstream, before: int) -> None:

@@ -17,7 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.conftest import FINGERPRINT, balance, check_in, make_settings
+from tests.conftest import FINGERPRINT, assert_envelope, balance, check_in, make_settings
 from tests.fake_upstream import TINY_PNG, FakeUpstream
 from tests.service_runner import RunningService, running_service
 
@@ -26,14 +26,6 @@ GENERATE = "/api/images/generate"
 ENHANCE = "/api/prompts/enhance"
 GENERATIONS = "/api/image-tasks/generations"
 JSON_ROUTES = [GENERATE, ENHANCE, "/api/quota/status", "/api/quota/check-in"]
-
-
-def assert_envelope(answer: httpx.Response, status: int, code: str) -> None:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
-    assert (body["code"], body["error"]) == (-1, code)
-    assert body["message"]
 
 
 def audit(running: RunningService):

@@ -9,7 +9,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import FINGERPRINT, check_in, make_settings
+from tests.conftest import FINGERPRINT, assert_envelope, check_in, make_settings
 from tests.fake_upstream import TINY_PNG, FakeUpstream, generated_file_bytes, make_png
 from tests.service_runner import RunningService, free_port, running_service
 
@@ -36,15 +36,6 @@ def finish_with(upstream: FakeUpstream, task_id: str, url: str) -> None:
 
 def image_url(task_id: str) -> str:
     return f"/api/images/tasks/{task_id}/image"
-
-
-def assert_envelope(answer: httpx.Response, status: int, code: str) -> None:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
-    assert body["code"] == -1
-    assert body["error"] == code
-    assert body["message"]
 
 
 # -- a completed task ----------------------------------------------------------------------

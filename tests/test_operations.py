@@ -15,7 +15,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from scenemint.store import open_store
-from tests.conftest import FINGERPRINT, check_in, make_settings
+from tests.conftest import FINGERPRINT, assert_envelope, check_in, make_settings
 from tests.fake_upstream import FakeUpstream
 from tests.service_runner import RunningService, ServiceProcess, running_service
 
@@ -37,13 +37,6 @@ ROUTES = {
     "/openapi.json",
     "other",
 }
-
-
-def assert_envelope(answer: httpx.Response, status: int, code: str) -> None:
-    assert answer.status_code == status, answer.text
-    body = answer.json()
-    assert (body["code"], body["error"]) == (-1, code)
-    assert body["message"]
 
 
 def generate(running: RunningService) -> dict:

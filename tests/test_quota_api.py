@@ -22,7 +22,7 @@ import pytest
 from scenemint.config import Settings
 from scenemint.errors import NoCredits
 from scenemint.store import NewTask, QuotaStatus, SQLStore
-from tests.conftest import FINGERPRINT, balance, check_in, make_settings
+from tests.conftest import FINGERPRINT, assert_envelope, balance, check_in, make_settings
 from tests.service_runner import RunningService, running_service
 
 STATUS = "/api/quota/status"
@@ -41,15 +41,6 @@ def data_of(answer: httpx.Response) -> dict[str, Any]:
     assert (envelope["code"], envelope["message"]) == (0, "ok"), envelope
     data: dict[str, Any] = envelope["data"]
     return data
-
-
-def assert_envelope(answer: httpx.Response, status: int, code: str) -> None:
-    assert answer.status_code == status, answer.text
-    assert answer.headers["content-type"].startswith("application/json")
-    body = answer.json()
-    assert body["code"] == -1, body
-    assert body["error"] == code, body
-    assert isinstance(body["message"], str) and body["message"], body
 
 
 # -- the HTTP endpoints --------------------------------------------------------------------
