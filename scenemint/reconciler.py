@@ -117,13 +117,13 @@ class Reconciler:
         try:
             found = await service.resubmit(row)
         except FileNotFoundError:
-            await service.store.fail_task(row.id, error=REFERENCE_LOST)
+            await service.abandon(row, error=REFERENCE_LOST)
             log.warning("reconcile: refunded %s, its reference image is gone", row.id)
             return 0
         except UpstreamError as exc:
             if exc.upstream_status in _FINAL_REFUSALS:
                 # the upstream will never take it: give the credit back now
-                await service.store.fail_task(row.id, error=RESUBMIT_REFUSED)
+                await service.abandon(row, error=RESUBMIT_REFUSED)
                 return 0
             raise
         log.info("reconcile: resubmitted interrupted task %s", row.id)

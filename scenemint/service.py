@@ -147,11 +147,7 @@ class ImageService:
                 row = await self.store.get_task(task_id)
                 assert row is not None
                 return self._public(row, prompt=clean, remaining=balance)
-            if await self.store.fail_task(task_id, error=SUBMIT_FAILED):
-                self.metrics.credits_refunded.inc()
-                self.metrics.tasks.labels("submit_failed").inc()
-                log.info("refunded %s for task %s: submission refused", _short(owner), task_id)
-            await self._drop_reference(ref_path)
+            await self._fail(task_id, owner, SUBMIT_FAILED, ref_path, outcome="submit_failed")
             raise
         row = await self.settle(task_id, found)
         if row.refunded:
@@ -235,10 +231,9 @@ class ImageService:
         elif found.status != "completed" and now - row.created_at > self.settings.task_max_age:
             error = TIMED_OUT
         if error is not None:
-            if await self.store.fail_task(task_id, error=error):
-                self.metrics.credits_refunded.inc()
-                log.info("refunded %s for task %s: %s", _short(row.fingerprint), task_id, error)
-        elif found is not None and (found.status != row.state or row.upstream_created_at is None):
+            await self._fail(task_id, row.fingerprint, error, row.reference_path)
+            return await self._ledger_after_change(task_id)
+        if found is not None and (found.status != row.state or row.upstream_created_at is None):
             await self.store.update_task(
                 task_id,
                 state=found.status,
@@ -247,16 +242,44 @@ class ImageService:
                 upstream_created_at=found.created_at,
                 upstream_updated_at=found.updated_at,
             )
-        else:
-            return row
+            fresh = await self._ledger_after_change(task_id)
+            if fresh.finished:
+                if fresh.state == "completed":
+                    self.metrics.tasks.labels("completed").inc()
+                await self._drop_reference(row.reference_path)
+            return fresh
+        return row
+
+    async def abandon(self, row: LedgerTask, *, error: str) -> bool:
+        """Fail an unfinished task for good and refund it (once); True if this call refunded."""
+        refunded = await self._fail(row.id, row.fingerprint, error, row.reference_path)
+        await self._ledger_after_change(row.id)
+        return refunded
+
+    async def _fail(
+        self,
+        task_id: str,
+        fingerprint: str,
+        error: str,
+        reference_path: str | Path | None,
+        *,
+        outcome: str = "failed",
+    ) -> bool:
+        """The one way a task fails: mark it, refund it exactly once, drop its reference."""
+        refunded = await self.store.fail_task(task_id, error=error)
+        if refunded:
+            self.metrics.credits_refunded.inc()
+            self.metrics.tasks.labels(outcome).inc()
+            log.info("refunded %s for task %s: %s", _short(fingerprint), task_id, error)
+        await self._drop_reference(reference_path)
+        return refunded
+
+    async def _ledger_after_change(self, task_id: str) -> LedgerTask:
         fresh = await self.store.get_task(task_id)
         assert fresh is not None
         self._remember(fresh)
-        if fresh.finished:
-            self.metrics.tasks.labels(fresh.state).inc()
-            await self._drop_reference(row.reference_path)
-            if self.poller is not None:
-                self.poller.forget(task_id)
+        if fresh.finished and self.poller is not None:
+            self.poller.forget(task_id)
         return fresh
 
     async def _ledger(self, task_id: str) -> LedgerTask | None:

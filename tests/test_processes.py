@@ -223,6 +223,10 @@ def test_serve_with_two_workers_shares_one_sqlite_ledger(upstream, tmp_path):
     env = env_for(upstream, SCENEMINT_DATA_DIR=str(tmp_path / "data"))
     server = ServiceProcess(env, cwd=str(tmp_path), args=("--workers", "2")).wait_ready()
     try:
+        wait_until(
+            lambda: server.log().count("Application startup complete") >= 2,
+            what="both workers started",
+        )
 
         async def burst() -> list[int]:
             async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
