@@ -255,3 +255,23 @@ def test_credits_audit_passes_on_honest_books_and_fails_on_tampered_ones(
     tampered = _audit_cli(tmp_path)
     assert tampered.returncode == 1
     assert "VIOLATION" in tampered.stderr and "audit FAILED" in tampered.stdout
+
+
+def test_an_abandoned_edit_is_refunded_and_its_reference_file_removed(service, upstream):
+    check_in(service)
+    upstream.drop("/api/image-tasks/edits", times=1)
+    answer = service.http.post(
+        "/api/images/generate",
+        data={"prompt": "make it blue", "fingerprint": FINGERPRINT},
+        files={"image": ("ref.png", make_png(8, 8), "image/png")},
+    )
+    task = answer.json()["data"]
+    reference = ledger(service, task["id"]).reference_path
+    from pathlib import Path
+
+    assert Path(reference).exists()
+    upstream.fail("/api/image-tasks/edits", status=400, times=1)
+    reconcile(service, startup=True)
+    assert balance(service) == 10
+    assert ledger(service, task["id"]).state == "failed"
+    assert not Path(reference).exists()
