@@ -61,23 +61,19 @@ class TaskPollFastPath:
         cached = self._answers.get(task_id)
         if cached is not None and cached[0] > now:
             return cached[1]
-        # when an answer expires under load, one poller computes it and the rest wait for it
+        # When an answer expires under load, one computation runs and every poller waits for
+        # it. It runs as its own task, so a poller that goes away does not cancel it for others.
         pending = self._pending.get(task_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-        self._pending[task_id] = future
-        try:
-            body = await self._compute(task_id, now)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved here: nobody else may be waiting
-            raise
-        else:
-            future.set_result(body)
-            return body
-        finally:
-            del self._pending[task_id]
+        if pending is None:
+            pending = asyncio.ensure_future(self._compute(task_id, now))
+            self._pending[task_id] = pending
+            pending.add_done_callback(lambda done: self._settled(task_id, done))
+        return await asyncio.shield(pending)
+
+    def _settled(self, task_id: str, done: asyncio.Future[bytes]) -> None:
+        self._pending.pop(task_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: its pollers may all have gone
 
     async def _compute(self, task_id: str, now: float) -> bytes:
         service: ImageService = self._state.service
