@@ -53,11 +53,17 @@ class Settings(BaseSettings):
     connect_timeout: float = Field(5.0, gt=0, validation_alias=_env("SCENEMINT_CONNECT_TIMEOUT"))
     submit_timeout: float = Field(60.0, gt=0, validation_alias=_env("SCENEMINT_SUBMIT_TIMEOUT"))
     poll_timeout: float = Field(10.0, gt=0, validation_alias=_env("SCENEMINT_POLL_TIMEOUT"))
-    image_timeout: float = Field(
+    image_first_byte_timeout: float = Field(
         30.0,
         gt=0,
-        validation_alias=_env("SCENEMINT_IMAGE_TIMEOUT"),
-        description="time to the first byte of an image, and the longest gap between chunks",
+        validation_alias=_env("SCENEMINT_IMAGE_FIRST_BYTE_TIMEOUT"),
+        description="time until an image download's answer begins",
+    )
+    image_idle_timeout: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_IMAGE_IDLE_TIMEOUT"),
+        description="longest silence between two chunks of an image",
     )
     stream_idle_timeout: float = Field(
         120.0, gt=0, validation_alias=_env("SCENEMINT_STREAM_IDLE_TIMEOUT")

@@ -216,11 +216,9 @@ class UpstreamClient:
     async def open_image(self, url: str) -> AsyncIterator[ImageResponse]:
         """Download an image by URL, following redirects only within allowed origins."""
         self.breaker.check()
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=self._settings.connect_timeout,
-            sock_read=self._settings.image_timeout,
-        )
+        # the first byte and the gaps between chunks have their own limits (asyncio timeouts
+        # below): aiohttp's sock_read cannot tell the two apart
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self._settings.connect_timeout)
         started = time.perf_counter()
         response: aiohttp.ClientResponse | None = None
         with self._translate("image", started, ambiguous_after_send=False):
@@ -232,9 +230,10 @@ class UpstreamClient:
                         "image", "forbidden", f"image origin not allowed: {origin}", count=False
                     )
                 headers = self._auth_headers() if origin == self._origin else {}
-                response = await self._session.get(
-                    url, headers=headers, timeout=timeout, allow_redirects=False
-                )
+                async with asyncio.timeout(self._settings.image_first_byte_timeout):
+                    response = await self._session.get(
+                        url, headers=headers, timeout=timeout, allow_redirects=False
+                    )
                 if response.status in (301, 302, 303, 307, 308) and "Location" in response.headers:
                     url = str(response.url.join(URL(response.headers["Location"])))
                     response.release()
@@ -260,8 +259,14 @@ class UpstreamClient:
 
     async def _image_chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
         started = time.perf_counter()
+        idle = self._settings.image_idle_timeout
+        chunks = response.content.iter_chunked(64 * 1024).__aiter__()
         with self._translate("image", started, ambiguous_after_send=False):
-            async for chunk in response.content.iter_chunked(64 * 1024):
+            while True:
+                async with asyncio.timeout(idle):
+                    chunk = await anext(chunks, None)
+                if chunk is None:
+                    return
                 yield chunk
 
     @asynccontextmanager

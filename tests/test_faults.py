@@ -90,7 +90,8 @@ def shared_service(tmp_path_factory, shared_upstream) -> Iterator[RunningService
         submit_attempts=1,
         submit_timeout=TIMEOUT,
         poll_timeout=TIMEOUT,
-        image_timeout=TIMEOUT,
+        image_first_byte_timeout=TIMEOUT,
+        image_idle_timeout=TIMEOUT,
         stream_idle_timeout=TIMEOUT,
         breaker_threshold=1_000_000,  # faults of one case must not open the breaker for the next
     ) as running:
@@ -641,7 +642,7 @@ def test_an_image_host_that_refuses_connections_answers_502(service, upstream):
 
 
 def test_an_image_that_stalls_mid_body_is_cut_after_the_idle_gap(tmp_path, upstream, logs):
-    with serve(tmp_path, upstream, image_timeout=0.3) as svc:
+    with serve(tmp_path, upstream, image_idle_timeout=0.3) as svc:
         check_in(svc)
         image = completed_task(svc, upstream, size=40_000, chunk_size=10_000, chunk_delay=3.0)
         received = bytearray()
@@ -652,6 +653,25 @@ def test_an_image_that_stalls_mid_body_is_cut_after_the_idle_gap(tmp_path, upstr
                 received += chunk
         assert time.monotonic() - started < 0.3 + MARGIN
         assert len(received) < 40_000
+
+
+def test_image_first_byte_and_idle_gap_have_their_own_limits(tmp_path, upstream, logs):
+    """A slow first byte within its own limit is fine even when it exceeds the idle gap."""
+    with serve(tmp_path, upstream, image_first_byte_timeout=3.0, image_idle_timeout=0.3) as svc:
+        check_in(svc)
+        image = completed_task(svc, upstream, size=40_000)
+        upstream.delay(FILES, 0.8, times=1)
+        answer = svc.http.get(image)
+        assert answer.status_code == 200 and len(answer.content) == 40_000
+    with serve(
+        tmp_path / "b", upstream, image_first_byte_timeout=0.3, image_idle_timeout=3.0
+    ) as svc:
+        check_in(svc)
+        image = completed_task(svc, upstream, size=40_000)
+        upstream.delay(FILES, 0.8, times=1)
+        started = time.monotonic()
+        assert_envelope(svc.http.get(image), 504, "upstream_timeout")
+        assert time.monotonic() - started < 0.3 + MARGIN
 
 
 def test_a_truncated_image_is_not_served_as_complete(tmp_path, upstream, logs):
