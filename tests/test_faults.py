@@ -200,27 +200,18 @@ def unaccepting_port() -> Iterator[int]:
 # -- submissions: connection-level faults (nothing reached an upstream) ----------------------
 
 
-def test_connection_refused_on_submit_answers_502_and_refunds(tmp_path, logs):
-    closed = f"http://127.0.0.1:{free_port()}"
+@pytest.mark.parametrize(
+    "unreachable",
+    [
+        pytest.param(lambda: f"http://127.0.0.1:{free_port()}", id="connection-refused"),
+        pytest.param(lambda: "http://scenemint-no-such-host.invalid:1", id="dns-failure"),
+    ],
+)
+def test_unreachable_upstream_on_submit_answers_502_and_refunds(tmp_path, logs, unreachable):
     with serve(
         tmp_path,
         None,
-        upstream_base_url=closed,
-        upstream_api_key=DEFAULT_API_KEY,
-        submit_attempts=1,
-    ) as svc:
-        check_in(svc)
-        answer = generate(svc)
-        assert_envelope(answer, 502, "upstream_failed")
-        assert_refunded(svc, answer)
-
-
-def test_dns_failure_on_submit_answers_502_and_refunds(tmp_path, logs):
-    nowhere = "http://scenemint-no-such-host.invalid:1"
-    with serve(
-        tmp_path,
-        None,
-        upstream_base_url=nowhere,
+        upstream_base_url=unreachable(),
         upstream_api_key=DEFAULT_API_KEY,
         submit_attempts=1,
     ) as svc:
