@@ -51,7 +51,12 @@ class Settings(BaseSettings):
 
     # -- upstream connection: separate timeouts per kind of call (seconds) ------
     connect_timeout: float = Field(5.0, gt=0, validation_alias=_env("SCENEMINT_CONNECT_TIMEOUT"))
-    submit_timeout: float = Field(60.0, gt=0, validation_alias=_env("SCENEMINT_SUBMIT_TIMEOUT"))
+    submit_timeout: float = Field(
+        60.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_SUBMIT_TIMEOUT"),
+        description="the most a submission may take, all attempts together",
+    )
     poll_timeout: float = Field(10.0, gt=0, validation_alias=_env("SCENEMINT_POLL_TIMEOUT"))
     image_first_byte_timeout: float = Field(
         30.0,
@@ -71,7 +76,13 @@ class Settings(BaseSettings):
     stream_ping_interval: float = Field(
         15.0, gt=0, validation_alias=_env("SCENEMINT_STREAM_PING_INTERVAL")
     )
-    submit_attempts: int = Field(3, ge=1, le=10, validation_alias=_env("SCENEMINT_SUBMIT_ATTEMPTS"))
+    submit_attempts: int = Field(
+        3,
+        ge=1,
+        le=10,
+        validation_alias=_env("SCENEMINT_SUBMIT_ATTEMPTS"),
+        description="most attempts of one submission, all within the submit timeout",
+    )
     breaker_threshold: int = Field(
         5,
         ge=1,
@@ -98,6 +109,27 @@ class Settings(BaseSettings):
     )
     reconcile_interval: float = Field(
         30.0, gt=0, validation_alias=_env("SCENEMINT_RECONCILE_INTERVAL")
+    )
+    reconcile_deadline: float = Field(
+        60.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_RECONCILE_DEADLINE"),
+        description="the longest a reconcile round may take; what is left waits for the next",
+    )
+    resubmit_concurrency: int = Field(
+        4, ge=1, le=256, validation_alias=_env("SCENEMINT_RESUBMIT_CONCURRENCY")
+    )
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_LEASE_SECONDS"),
+        description="term of a lease on a task in flight; its holder renews it at a third",
+    )
+    idempotency_ttl: float = Field(
+        86400.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_IDEMPOTENCY_TTL"),
+        description="an Idempotency-Key names its task for at least this many seconds",
     )
     task_max_age: float = Field(1800.0, gt=0, validation_alias=_env("SCENEMINT_TASK_MAX_AGE"))
     resubmit_window: float = Field(

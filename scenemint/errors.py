@@ -4,16 +4,19 @@
     ├── BadRequest                  (various)       400
     ├── NoCredits                   no_credits      402
     ├── NotFound                    not_found       404
+    ├── Conflict                    (various)       409  (idempotency keys)
     ├── PayloadTooLarge             (various)       413
     ├── UpstreamError               upstream_failed 502
     │   ├── UpstreamTimeout         upstream_timeout 504
     │   └── UpstreamUnavailable     upstream_unavailable 503  (wrong key, circuit open)
     ├── NotConfigured               upstream_not_configured 503
+    ├── StoreUnavailable            store_unavailable 503  (the database failed; Retry-After)
     └── NotReady                    not_ready       503  (readiness: the database is down)
 
 `code` is the machine code clients see in the envelope's `error` field; the
 human message is looked up by code in `scenemint.messages` in the caller's
-language. `detail` is for the log only and never reaches a client.
+language. `detail` is for the log only and never reaches a client. `retry_after`
+(seconds), when set, is sent as the `Retry-After` header and in the envelope.
 """
 
 from __future__ import annotations
@@ -22,11 +25,16 @@ from __future__ import annotations
 class ScenemintError(Exception):
     code: str = "internal_error"
     status: int = 500
+    retry_after: float | None = None
 
-    def __init__(self, code: str | None = None, *, detail: str = "") -> None:
+    def __init__(
+        self, code: str | None = None, *, detail: str = "", retry_after: float | None = None
+    ) -> None:
         if code is not None:
             self.code = code
         self.detail = detail
+        if retry_after is not None:
+            self.retry_after = retry_after
         super().__init__(f"{self.code}: {detail}" if detail else self.code)
 
 
@@ -45,6 +53,11 @@ class NotFound(ScenemintError):
     status = 404
 
 
+class Conflict(ScenemintError):
+    code = "conflict"
+    status = 409
+
+
 class PayloadTooLarge(ScenemintError):
     code = "payload_too_large"
     status = 413
@@ -54,8 +67,9 @@ class UpstreamError(ScenemintError):
     """The upstream failed us.
 
     `ambiguous` is True when the request may have reached the upstream and been
-    acted on (a timeout or a reset after sending, a 2xx we could not read): a
-    submission in that state is neither refunded nor retried blindly.
+    acted on (a 5xx, a timeout or a reset after sending, a 2xx we could not read): a
+    submission in that state is never refunded on the spot. `retryable` says that trying
+    again may help; `reason` is the metric label of the failure (connect, timeout, ...).
     """
 
     code = "upstream_failed"
@@ -68,11 +82,15 @@ class UpstreamError(ScenemintError):
         detail: str = "",
         ambiguous: bool = False,
         upstream_status: int | None = None,
+        reason: str = "",
+        retryable: bool = False,
+        retry_after: float | None = None,
     ) -> None:
-        super().__init__(code, detail=detail)
+        super().__init__(code, detail=detail, retry_after=retry_after)
         self.ambiguous = ambiguous
         self.upstream_status = upstream_status
-        self.retryable = False
+        self.reason = reason
+        self.retryable = retryable
 
 
 class UpstreamTimeout(UpstreamError):
@@ -88,6 +106,14 @@ class UpstreamUnavailable(UpstreamError):
 class NotConfigured(ScenemintError):
     code = "upstream_not_configured"
     status = 503
+
+
+class StoreUnavailable(ScenemintError):
+    """The database failed (unreachable, connection lost, disk full): try again shortly."""
+
+    code = "store_unavailable"
+    status = 503
+    retry_after = 2.0
 
 
 class NotReady(ScenemintError):

@@ -53,6 +53,49 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "upstream_not_configured": ("The image service is unavailable.", "图片服务暂不可用。"),
     "not_ready": ("The service is not ready.", "服务尚未就绪。"),
     "method_not_allowed": ("Method not allowed.", "不支持该请求方法。"),
+    "store_unavailable": (
+        "The service cannot reach its database. Please try again in a moment.",
+        "服务暂时无法访问数据库，请稍后重试。",
+    ),
+    "invalid_idempotency_key": (
+        "The Idempotency-Key header must be 1 to 255 printable ASCII characters.",
+        "Idempotency-Key 请求头必须是 1 到 255 个可打印的 ASCII 字符。",
+    ),
+    "idempotency_key_reused": (
+        "This Idempotency-Key was already used for a different request.",
+        "该 Idempotency-Key 已用于另一个不同的请求。",
+    ),
+    "idempotency_in_progress": (
+        "A request with this Idempotency-Key is still being processed. Try again shortly.",
+        "使用该 Idempotency-Key 的请求仍在处理中，请稍后重试。",
+    ),
+    # why a task failed (the `error` of a failed task; its credit was given back)
+    "task_expired": ("task not found or expired", "任务不存在或已过期"),
+    "generation_failed": ("The image generation failed.", "图片生成失败。"),
+    "submit_refused": (
+        "The image service refused the task. Your credit was returned.",
+        "图片服务拒绝了该任务，额度已退回。",
+    ),
+    "not_delivered": (
+        "The request was interrupted before its answer was sent. Your credit was returned.",
+        "请求在返回结果前被中断，额度已退回。",
+    ),
+    "task_lost": (
+        "The image service never received the task. Your credit was returned.",
+        "图片服务未收到该任务，额度已退回。",
+    ),
+    "timed_out": (
+        "The generation took too long and was abandoned. Your credit was returned.",
+        "生成耗时过长，已放弃，额度已退回。",
+    ),
+    "no_image": (
+        "The image service finished without an image. Your credit was returned.",
+        "图片服务完成了任务但没有返回图片，额度已退回。",
+    ),
+    "reference_lost": (
+        "The reference image was lost before the task could be sent. Your credit was returned.",
+        "参考图在任务提交前丢失，额度已退回。",
+    ),
     "internal_error": ("Internal error.", "服务器内部错误。"),
 }
 

@@ -67,6 +67,11 @@ class Metrics:
         self.credits_refunded = Counter(
             "scenemint_credits_refunded", "Credits given back for failed generations", registry=r
         )
+        self.reconcile_errors = Counter(
+            "scenemint_reconcile_errors",
+            "Rows a reconcile round could not settle (each is tried again next round)",
+            registry=r,
+        )
         self.open_streams = Gauge(
             "scenemint_open_streams", "Responses streaming right now", ["kind"], registry=r
         )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from .messages import message_for
 
 SIZES = ("1:1", "16:9", "9:16")
 DEFAULT_SIZE = "1:1"
-MISSING_TASK_ERROR = "task not found or expired"
+# error codes of failed tasks with a meaning of their own here (see settlement.ErrorCode)
+MISSING_TASK = "task_expired"  # its English message is the original's "task not found or expired"
+UPSTREAM_FAILURE = "generation_failed"
 
 # upstream status -> public status; anything unknown is "queued" so pollers keep polling
 _STATUS = {
@@ -50,32 +54,19 @@ def is_task_id(value: str) -> bool:
         return False
 
 
-def rfc3339(moment: dt.datetime) -> str:
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    return moment.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
 def rfc3339_from_epoch(seconds: float) -> str:
-    return rfc3339(dt.datetime.fromtimestamp(seconds, tz=dt.UTC))
-
-
-def parse_timestamp(value: object) -> str | None:
-    """Upstream timestamps may lack a timezone; they are UTC then. Unparseable → None."""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        return rfc3339_from_epoch(float(value))
-    if not isinstance(value, str) or not value.strip():
-        return None
-    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
-    try:
-        return rfc3339(dt.datetime.fromisoformat(text))
-    except ValueError:
-        return None
+    """Our own clock's moments for clients: RFC 3339, UTC, whole seconds."""
+    moment = dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
 class UpstreamTask:
-    """The fields of a chatgpt2api task object that we use."""
+    """The fields of a chatgpt2api task object that we use.
+
+    Its timestamps are not among them: `createdAt` and `updatedAt` are this service's own
+    (the upstream writes local time without a zone, and nothing here may depend on it).
+    """
 
     id: str
     status: str  # already mapped to the public status
@@ -83,8 +74,6 @@ class UpstreamTask:
     image_url: str | None = None
     revised_prompt: str | None = None
     error: str | None = None
-    created_at: str | None = None
-    updated_at: str | None = None
 
     @classmethod
     def from_json(cls, obj: Any) -> UpstreamTask:
@@ -105,8 +94,6 @@ class UpstreamTask:
             image_url=url.strip() if isinstance(url, str) and url.strip() else None,
             revised_prompt=revised if isinstance(revised, str) and revised else None,
             error=_error_text(error),
-            created_at=parse_timestamp(obj.get("created_at")),
-            updated_at=parse_timestamp(obj.get("updated_at")),
         )
 
 
@@ -140,24 +127,37 @@ class TaskListing:
         return cls(items=items, missing=frozenset(str(m) for m in missing))
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Task:
-    """The public task shape (SPEC §3). `to_json` omits empty optional fields."""
+    """The public task shape (SPEC §3). `to_json` omits empty optional fields.
+
+    A failed task carries our `error_code`; its `error` text is the upstream's own words when
+    the upstream failed the generation, otherwise our message for the code, in the reader's
+    language.
+    """
 
     id: str
     mode: str = "text"
     status: str = "queued"
     size: str | None = None
     image: str | None = None
+    error_code: str | None = None
     error: str | None = None
     revised_prompt: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
     prompt: str | None = None
     remaining_credits: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    queue_position: int | None = None
 
-    def to_json(self) -> dict[str, Any]:
+    def error_text(self, *, chinese: bool = False) -> str | None:
+        if self.status != "failed":
+            return None
+        if self.error and self.error_code in (None, UPSTREAM_FAILURE):
+            return self.error
+        return message_for(self.error_code or UPSTREAM_FAILURE, chinese=chinese)
+
+    def to_json(self, *, chinese: bool = False) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "mode": self.mode}
         if self.prompt is not None:
             out["prompt"] = self.prompt
@@ -166,8 +166,11 @@ class Task:
         if self.image:
             out["image"] = self.image
         out["status"] = self.status
-        if self.error:
-            out["error"] = self.error
+        error = self.error_text(chinese=chinese)
+        if error:
+            out["error"] = error
+        if self.queue_position is not None:
+            out["queuePosition"] = self.queue_position
         if self.revised_prompt:
             out["revisedPrompt"] = self.revised_prompt
         if self.created_at:
@@ -181,7 +184,7 @@ class Task:
 
 def missing_task(task_id: str) -> Task:
     """The answer for an id the upstream does not know or we never made: pollers stop."""
-    return Task(id=task_id, mode="text", status="failed", error=MISSING_TASK_ERROR)
+    return Task(id=task_id, mode="text", status="failed", error_code=MISSING_TASK)
 
 
 def image_path(task_id: str) -> str:

@@ -1,35 +1,46 @@
 """The image service: generate, get a task, open its image, enhance a prompt.
 
-This is the library API; the web layer only binds HTTP to it. Money rules live here:
-a credit is taken before submitting and given back, exactly once, when the generation
-definitely failed. When the upstream's answer to a submission is unknown (timeout, reset),
-the ledger row stays "submitting" and the reconciler settles it later.
+This is the library API; the web layer only binds HTTP to it. It validates, charges and
+hands work on; where a task goes next and whether its credit comes back is decided by
+`settlement.decide` and written by the store, conditional on the row's version and lease.
+
+A generate request owns its row through a lease until it writes the outcome: the task as
+the upstream accepted it, a refusal (refunded at once), or "unknown" (the charge is kept,
+the lease released, and the reconciler asks the upstream straight away). The answer is
+marked handed to the client in that same write; a row whose answer never left is refunded
+by whoever settles it, unless the client comes back with its Idempotency-Key first.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
-import time
-from collections import OrderedDict
+import os
+import random
+import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TypeVar
 
+from .answers import Answer, TaskAnswers
 from .config import Settings
+from .enhancement import EnhancementStream
 from .errors import (
     BadRequest,
+    Conflict,
     NotConfigured,
     NotFound,
     NotReady,
     ScenemintError,
+    StoreUnavailable,
     UpstreamError,
 )
 from .metrics import Metrics
 from .models import (
-    MISSING_TASK_ERROR,
     Task,
     UpstreamTask,
     image_path,
@@ -41,18 +52,37 @@ from .models import (
 )
 from .poller import TaskPoller
 from .prompts import DIRECTIONS, chat_request
-from .store import LedgerTask, NewTask, Store
+from .references import References
+from .settlement import (
+    Accepted,
+    Decision,
+    ErrorCode,
+    Guard,
+    Limits,
+    Missing,
+    Observation,
+    ReferenceGone,
+    Refused,
+    Seen,
+    State,
+    Unknown,
+    decide,
+)
+from .store import KeyInUse, LedgerTask, NewTask, Store
 from .upstream import ImageResponse, UpstreamClient
-from .validation import Reference, clean_fingerprint, clean_prompt
+from .validation import Reference, clean_fingerprint, clean_idempotency_key, clean_prompt
 
 log = logging.getLogger("scenemint.service")
 
-SUBMIT_FAILED = "submission to the image service failed"
-NO_IMAGE = "the image service reported success without an image"
-TIMED_OUT = "generation took too long and was abandoned"
-_FINISHED_CACHE = 10_000
+T = TypeVar("T")
+
 _READY_CACHE_SECONDS = 5.0
-_UNFINISHED_TTL = 1.0
+_BACKOFF = 0.2  # seconds before the first resubmission attempt; doubled each time, jittered
+_WRITE_ATTEMPTS = 3  # a settlement write that meets a database error is tried this often
+
+
+class _Interrupted(Exception):
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +96,12 @@ class ImageDownload:
     aclose: Callable[[], Awaitable[None]]
 
 
+@dataclass(frozen=True, slots=True)
+class SubmitResult:
+    observation: Observation
+    error: UpstreamError | None = None  # the last failure, when the outcome is not Accepted
+
+
 class ImageService:
     def __init__(
         self,
@@ -74,26 +110,30 @@ class ImageService:
         store: Store,
         upstream: UpstreamClient | None,
         metrics: Metrics | None = None,
+        owner: str | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
         self.upstream = upstream
         self.metrics = metrics or Metrics()
-        # set when the server begins a graceful shutdown: open streams end with a last frame
+        # who this process is when it holds a lease (unique per process and start)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.limits = Limits(
+            resubmit_window=settings.resubmit_window, task_max_age=settings.task_max_age
+        )
+        # set when the server begins a graceful shutdown: open streams end with a last
+        # frame, generate requests in flight answer with their task at once
         self.shutting_down = asyncio.Event()
+        # set when a row needs the reconciler now (a submission's outcome became unknown)
+        self.needs_reconcile = asyncio.Event()
+        self.answers = TaskAnswers(fresh_for=settings.poll_min_interval)
+        self.references = References(settings.data_dir / "references")
         self.poller = (
-            TaskPoller(
-                upstream.list_tasks,
-                batch_size=settings.poll_batch_size,
-                min_interval=settings.poll_min_interval,
-            )
+            TaskPoller(upstream.list_tasks, batch_size=settings.poll_batch_size)
             if upstream is not None
             else None
         )
-        # finished ledger rows never change again: keep the recent ones in memory
-        self._finished: OrderedDict[str, LedgerTask] = OrderedDict()
-        self._unfinished: dict[str, tuple[float, LedgerTask]] = {}
-        self._references = settings.data_dir / "references"
+        self._computing: dict[str, asyncio.Future[Answer]] = {}
         self._ready_at = -_READY_CACHE_SECONDS
 
     # -- generate --------------------------------------------------------------------
@@ -105,15 +145,26 @@ class ImageService:
         size: object,
         fingerprint: object,
         reference: Reference | None = None,
+        idempotency_key: object = None,
     ) -> Task:
-        """Validate, charge one credit, submit. Raises before charging on bad input."""
+        """Validate, charge one credit, submit; raises before charging on bad input.
+
+        With an `idempotency_key`, a repeated request (same fingerprint, key and body) gets
+        the task of the first one and is not charged again.
+        """
         clean = clean_prompt(prompt, max_chars=self.settings.max_prompt_chars)
         size_ = normalize_size(size)
         owner = clean_fingerprint(fingerprint)
+        key = clean_idempotency_key(idempotency_key)
         upstream = self._require_upstream()
+        mode = "image" if reference is not None else "text"
+        request_hash = _request_hash(mode=mode, prompt=clean, size=size_, reference=reference)
+        if key is not None:
+            existing = await self.store.task_by_key(owner, key)
+            if existing is not None:
+                return await self._replay(existing, request_hash=request_hash)
         upstream.breaker.check()  # fail fast before taking a credit
         task_id = new_task_id()
-        mode = "image" if reference is not None else "text"
         ref_path = await self._save_reference(task_id, reference) if reference else None
         try:
             charge = await self.store.spend(
@@ -126,70 +177,227 @@ class ImageService:
                     reference_path=str(ref_path) if ref_path else None,
                     reference_name=reference.filename if reference else None,
                     reference_type=reference.content_type if reference else None,
+                    state=State.SUBMITTING,
+                    lease_owner=self.owner,
+                    lease_seconds=self.settings.lease_seconds,
+                    idempotency_key=key,
+                    request_hash=request_hash,
                 )
             )
+        except KeyInUse as exc:  # the same key arrived twice at once: nothing was charged
+            await self._drop_reference_quietly(ref_path)
+            return await self._replay(exc.task, request_hash=request_hash)
         except BaseException:
-            await self._drop_reference(ref_path)
+            await self._drop_reference_quietly(ref_path)
             raise
         self.metrics.credits_charged.inc()
         log.info("charged %s for task %s (%s)", _short(owner), task_id, mode)
-        balance = charge.balance
-        try:
-            found = await self._submit(
-                upstream, task_id=task_id, prompt=clean, size=size_, reference=reference
-            )
-        except UpstreamError as exc:
-            if exc.ambiguous:
-                # it may exist upstream: keep the charge, let the reconciler find out
-                log.warning(
-                    "submission of %s has an unknown outcome; reconciler will settle it", task_id
-                )
-                row = await self.store.get_task(task_id)
-                assert row is not None
-                return self._public(row, prompt=clean, remaining=balance)
-            await self._fail(task_id, owner, SUBMIT_FAILED, ref_path, outcome="submit_failed")
-            raise
-        row = await self.settle(task_id, found)
-        if row.refunded:
-            balance += 1
-        return self._public(row, found, prompt=clean, remaining=balance)
+        return await self._submit_and_hand(charge.task, reference=reference, balance=charge.balance)
 
-    async def _submit(
+    async def _replay(self, existing: LedgerTask, *, request_hash: str) -> Task:
+        """A request with a key that already names a task: that task, never a second charge."""
+        if existing.request_hash != request_hash:
+            raise Conflict("idempotency_key_reused", detail=f"key of task {existing.id}")
+        balance = (await self.store.status(existing.fingerprint)).balance
+        if existing.handed or existing.finished:
+            return self._public(existing, prompt=existing.prompt, remaining=balance)
+        if existing.lease_until > self.store.now():
+            raise Conflict("idempotency_in_progress", retry_after=1.0)
+        # its first request is gone (crashed, or its answer was lost): take the row over
+        claimed = await self.store.claim(
+            existing, owner=self.owner, seconds=self.settings.lease_seconds
+        )
+        if claimed is None:
+            raise Conflict("idempotency_in_progress", retry_after=1.0)
+        reference = await self._load_reference(claimed)
+        if claimed.mode == "image" and reference is None:
+            written = await self._observe(claimed, ReferenceGone())
+            row = written or claimed
+            return self._public(row, prompt=row.prompt, remaining=balance + row.refunded)
+        return await self._submit_and_hand(claimed, reference=reference, balance=balance)
+
+    async def _submit_and_hand(
+        self, row: LedgerTask, *, reference: Reference | None, balance: int
+    ) -> Task:
+        """Submit a row we hold the lease of, write the outcome, answer with the task."""
+        async with self.lease(row):
+            result = await self.submit(row, reference=reference, until_shutdown=True)
+        written = await self._observe(row, result.observation, hand=True)
+        if written is None:
+            # our lease lapsed while we were sending and another instance took the row
+            current = await self.store.get_task(row.id)
+            if current is not None and current.handed:
+                return self._public(current, prompt=current.prompt, remaining=balance)
+            raise StoreUnavailable(detail=f"lost the lease of task {row.id}", retry_after=1.0)
+        if isinstance(result.observation, Unknown):
+            log.warning("submission of %s has an unknown outcome: asking the upstream", row.id)
+            self.needs_reconcile.set()
+        if isinstance(result.observation, Refused) and result.error is not None:
+            raise result.error
+        return self._public(written, prompt=written.prompt, remaining=balance + written.refunded)
+
+    async def submit(
+        self, row: LedgerTask, *, reference: Reference | None, until_shutdown: bool = False
+    ) -> SubmitResult:
+        """Submit a row within `SCENEMINT_SUBMIT_TIMEOUT`, retries included.
+
+        Retried (with the same `client_task_id`, which the upstream answers idempotently)
+        while time is left, on anything that is not a refusal. The outcome is Refused only
+        when no attempt can have created the task.
+        """
+        upstream = self._require_upstream()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.submit_timeout
+        sent = False
+        error: UpstreamError | None = None
+        for attempt in range(1, self.settings.submit_attempts + 1):
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                task = await self._unless_shutdown(
+                    self._submit_once(upstream, row, reference, time_limit=remaining),
+                    until_shutdown=until_shutdown,
+                )
+                return SubmitResult(Accepted(task))
+            except _Interrupted:
+                return SubmitResult(Unknown("the server is shutting down"))
+            except UpstreamError as exc:
+                error = exc
+                sent = sent or exc.ambiguous
+                if not (exc.retryable or exc.ambiguous) or attempt == self.settings.submit_attempts:
+                    break
+            delay = _BACKOFF * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+            if deadline - loop.time() <= delay:
+                break
+            try:
+                await self._unless_shutdown(asyncio.sleep(delay), until_shutdown=until_shutdown)
+            except _Interrupted:
+                break
+        if sent or error is None:
+            return SubmitResult(Unknown(error.detail if error else "no time left"), error)
+        return SubmitResult(Refused(error.detail), error)
+
+    async def _submit_once(
         self,
         upstream: UpstreamClient,
-        *,
-        task_id: str,
-        prompt: str,
-        size: str,
+        row: LedgerTask,
         reference: Reference | None,
+        *,
+        time_limit: float,
     ) -> UpstreamTask:
         if reference is None:
-            return await upstream.submit_generation(task_id=task_id, prompt=prompt, size=size)
+            return await upstream.submit_generation(
+                task_id=row.id, prompt=row.prompt, size=row.size, time_limit=time_limit
+            )
         return await upstream.submit_edit(
-            task_id=task_id,
-            prompt=prompt,
-            size=size,
+            task_id=row.id,
+            prompt=row.prompt,
+            size=row.size,
             image=reference.data,
             filename=reference.filename,
             content_type=reference.content_type,
+            time_limit=time_limit,
         )
 
-    async def resubmit(self, row: LedgerTask) -> UpstreamTask:
-        """Submit a "submitting" row again (idempotent upstream by client_task_id)."""
-        upstream = self._require_upstream()
-        reference = None
-        if row.mode == "image":
-            data = await asyncio.to_thread(_read_file, row.reference_path)
-            if data is None:
-                raise FileNotFoundError(f"reference of task {row.id} is gone")
-            reference = Reference(
-                data=data,
-                filename=row.reference_name or "reference.png",
-                content_type=row.reference_type or "application/octet-stream",
-            )
-        return await self._submit(
-            upstream, task_id=row.id, prompt=row.prompt, size=row.size, reference=reference
-        )
+    async def _unless_shutdown(self, work: Awaitable[T], *, until_shutdown: bool) -> T:
+        """Await `work`, or give up on it with _Interrupted when the server shuts down."""
+        if not until_shutdown:
+            return await work
+        job = asyncio.ensure_future(work)
+        stop = asyncio.ensure_future(self.shutting_down.wait())
+        try:
+            await asyncio.wait({job, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if job.done():
+            return job.result()
+        job.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await job
+        raise _Interrupted
+
+    async def resubmit(self, row: LedgerTask) -> LedgerTask | None:
+        """Send a claimed row again (the reconciler's): same id, so the upstream keeps one task.
+
+        A retryable refusal (a full upstream, a refused connection) keeps the charge for the
+        next round; only a definite refusal refunds.
+        """
+        reference = await self._load_reference(row)
+        if row.mode == "image" and reference is None:
+            return await self._observe(row, ReferenceGone())
+        async with self.lease(row):
+            result = await self.submit(row, reference=reference)
+        observation = result.observation
+        if isinstance(observation, Refused) and result.error and result.error.retryable:
+            observation = Unknown(observation.detail)
+        return await self._observe(row, observation)
+
+    @asynccontextmanager
+    async def lease(self, row: LedgerTask) -> AsyncIterator[None]:
+        """Keep our lease on `row` alive while the body runs (renewed at a third of its term)."""
+        seconds = self.settings.lease_seconds
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(seconds / 3)
+                try:
+                    if not await self.store.renew(row, owner=self.owner, seconds=seconds):
+                        log.warning("lost the lease of task %s", row.id)
+                        return
+                except StoreUnavailable:
+                    log.warning("could not renew the lease of task %s", row.id)
+
+        renewer = asyncio.create_task(renew(), name=f"lease-{row.id}")
+        try:
+            yield
+        finally:
+            renewer.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewer
+
+    # -- settlement -------------------------------------------------------------------
+
+    async def _observe(
+        self, row: LedgerTask, observation: Observation, *, hand: bool = False
+    ) -> LedgerTask | None:
+        """Decide and write what `observation` means for `row` (a Resubmit is not ours)."""
+        step = decide(row, observation, now=self.store.now(), limits=self.limits, hand=hand)
+        if not isinstance(step, Decision):
+            return row if step is None else None
+        return await self.write(row, step)
+
+    async def write(self, row: LedgerTask, decision: Decision) -> LedgerTask | None:
+        """Apply a decision to `row`; None when the row changed first (nothing was written).
+
+        A database error is retried a few times: a write whose commit was lost then finds
+        its own change (stale), which the caller reads back.
+        """
+        owner = self.owner if decision.guard is Guard.OWNER else None
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                written = await self.store.apply(row, decision, owner=owner)
+                break
+            except StoreUnavailable:
+                if attempt == _WRITE_ATTEMPTS:
+                    raise
+                await asyncio.sleep(0.1 * 2**attempt)
+        if written is not None:
+            await self._changed(written)
+        return written
+
+    async def _changed(self, row: LedgerTask) -> None:
+        """After a write: metrics, the answer cache, and a reference nobody needs any more."""
+        self.answers.put(row.id, self._public(row), version=row.version, finished=row.finished)
+        if row.state == State.FAILED:
+            self.metrics.credits_refunded.inc()
+            refused = row.error_code == ErrorCode.REFUSED
+            self.metrics.tasks.labels("submit_failed" if refused else "failed").inc()
+            log.info("refunded %s for task %s: %s", _short(row.fingerprint), row.id, row.error_code)
+        elif row.state == State.COMPLETED:
+            self.metrics.tasks.labels("completed").inc()
+        if row.finished and row.reference_path:
+            await self.drop_reference(row.id, row.reference_path)
 
     # -- tasks --------------------------------------------------------------------------
 
@@ -197,140 +405,69 @@ class ImageService:
         """The task, freshly mapped; the "missing" shape for ids that are not ours."""
         if not is_task_id(task_id):
             return missing_task(task_id)
-        row = await self._ledger(task_id)
-        if row is None:
-            return missing_task(task_id)
-        if row.finished:
-            return self._public(row)
-        if self.poller is None:
-            raise NotConfigured(detail="upstream not configured")
-        found = await self.poller.fetch(task_id)
-        row = await self.settle(task_id, found, known=row)
-        return self._public(row, found)
+        return (await self._answer(task_id)).task
 
-    async def settle(
-        self, task_id: str, found: UpstreamTask | None, *, known: LedgerTask | None = None
-    ) -> LedgerTask:
-        """Bring the ledger row in line with what the upstream said; refunds failures once."""
-        row = known or await self.store.get_task(task_id)
-        if row is None:
-            raise NotFound(detail=f"task {task_id} not in the ledger")
-        if row.finished:
-            return row
-        now = time.time()
-        error: str | None = None
-        if found is None:
-            young = now - row.created_at < self.settings.resubmit_window
-            if row.state == "submitting" and young:
-                return row  # not arrived yet, or lost in flight: the reconciler resubmits
-            error = MISSING_TASK_ERROR
-        elif found.status == "failed":
-            error = found.error or "generation failed"
-        elif found.status == "completed" and not found.image_url:
-            error = NO_IMAGE
-        elif found.status != "completed" and now - row.created_at > self.settings.task_max_age:
-            error = TIMED_OUT
-        if error is not None:
-            await self._fail(task_id, row.fingerprint, error, row.reference_path)
-            return await self._ledger_after_change(task_id)
-        if found is not None and (found.status != row.state or row.upstream_created_at is None):
-            await self.store.update_task(
-                task_id,
-                state=found.status,
-                image_url=found.image_url,
-                revised_prompt=found.revised_prompt,
-                upstream_created_at=found.created_at,
-                upstream_updated_at=found.updated_at,
-            )
-            fresh = await self._ledger_after_change(task_id)
-            if fresh.finished:
-                if fresh.state == "completed":
-                    self.metrics.tasks.labels("completed").inc()
-                await self._drop_reference(row.reference_path)
-            return fresh
-        return row
+    async def task_answer(self, task_id: str, *, chinese: bool = False) -> bytes:
+        """The encoded `data` of a task answer (what the poll fast path sends)."""
+        if not is_task_id(task_id):
+            task = missing_task(task_id)
+            return json.dumps(task.to_json(chinese=chinese), ensure_ascii=False).encode()
+        return (await self._answer(task_id)).encoded(chinese=chinese)
 
-    async def abandon(self, row: LedgerTask, *, error: str) -> bool:
-        """Fail an unfinished task for good and refund it (once); True if this call refunded."""
-        refunded = await self._fail(row.id, row.fingerprint, error, row.reference_path)
-        await self._ledger_after_change(row.id)
-        return refunded
-
-    async def _fail(
-        self,
-        task_id: str,
-        fingerprint: str,
-        error: str,
-        reference_path: str | Path | None,
-        *,
-        outcome: str = "failed",
-    ) -> bool:
-        """The one way a task fails: mark it, refund it exactly once, drop its reference."""
-        refunded = await self.store.fail_task(task_id, error=error)
-        if refunded:
-            self.metrics.credits_refunded.inc()
-            self.metrics.tasks.labels(outcome).inc()
-            log.info("refunded %s for task %s: %s", _short(fingerprint), task_id, error)
-        await self._drop_reference(reference_path)
-        return refunded
-
-    async def _ledger_after_change(self, task_id: str) -> LedgerTask:
-        fresh = await self.store.get_task(task_id)
-        assert fresh is not None
-        self._remember(fresh)
-        if fresh.finished and self.poller is not None:
-            self.poller.forget(task_id)
-        return fresh
-
-    async def _ledger(self, task_id: str) -> LedgerTask | None:
-        """The ledger row, from memory when possible: polls must not all reach the database."""
-        cached = self._finished.get(task_id)
+    async def _answer(self, task_id: str) -> Answer:
+        """The answer for a well-formed id: reused while fresh (see `answers`); concurrent
+        callers for one id share one computation."""
+        cached = self.answers.get(task_id)
         if cached is not None:
             return cached
-        recent = self._unfinished.get(task_id)
-        if recent is not None and recent[0] > time.monotonic():
-            return recent[1]
-        row = await self.store.get_task(task_id)
-        self._remember(row)
-        return row
+        computing = self._computing.get(task_id)
+        if computing is None:
+            # its own task: a poller that goes away must not cancel it for the others
+            computing = asyncio.ensure_future(self._compute(task_id))
+            self._computing[task_id] = computing
+            computing.add_done_callback(lambda done: self._computed(task_id, done))
+        return await asyncio.shield(computing)
 
-    def _remember(self, row: LedgerTask | None) -> None:
-        # Finished rows never change again. Unfinished ones may be settled by another
-        # instance, so they are kept only briefly; the upstream's answer is checked anyway.
+    def _computed(self, task_id: str, done: asyncio.Future[Answer]) -> None:
+        self._computing.pop(task_id, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: its pollers may all have gone
+
+    async def _compute(self, task_id: str) -> Answer:
+        row = await self.store.get_task(task_id)
         if row is None:
-            return
-        if row.finished:
-            self._unfinished.pop(row.id, None)
-            self._finished[row.id] = row
-            if len(self._finished) > _FINISHED_CACHE:
-                self._finished.popitem(last=False)
-            return
-        now = time.monotonic()
-        if len(self._unfinished) > _FINISHED_CACHE:
-            self._unfinished = {k: v for k, v in self._unfinished.items() if v[0] > now}
-        self._unfinished[row.id] = (now + _UNFINISHED_TTL, row)
+            return self.answers.put(task_id, missing_task(task_id), version=None, finished=True)
+        if row.state in (State.QUEUED, State.RUNNING):
+            if self.poller is None:
+                raise NotConfigured(detail="upstream not configured")
+            found = await self.poller.fetch(task_id)  # asked after the row was read
+            written = await self._observe(row, Seen(found) if found else Missing())
+            row = written or await self._reread(row)
+        elif row.state == State.SUBMITTING and row.lease_until <= self.store.now():
+            self.needs_reconcile.set()  # nobody is sending it: the reconciler asks upstream
+        return self.answers.put(
+            task_id, self._public(row), version=row.version, finished=row.finished
+        )
+
+    async def _reread(self, row: LedgerTask) -> LedgerTask:
+        fresh = await self.store.get_task(row.id)
+        return fresh or row
 
     def _public(
-        self,
-        row: LedgerTask,
-        found: UpstreamTask | None = None,
-        *,
-        prompt: str | None = None,
-        remaining: int | None = None,
+        self, row: LedgerTask, *, prompt: str | None = None, remaining: int | None = None
     ) -> Task:
-        status = "queued" if row.state == "submitting" else row.state
-        created = (found.created_at if found else None) or row.upstream_created_at
-        updated = (found.updated_at if found else None) or row.upstream_updated_at
+        status = State.QUEUED if row.state == State.SUBMITTING else State(row.state)
         return Task(
             id=row.id,
             mode=row.mode,
-            status=status,
+            status=str(status),
             size=row.size,
-            image=image_path(row.id) if status == "completed" else None,
-            error=row.error if status == "failed" else None,
-            revised_prompt=row.revised_prompt or (found.revised_prompt if found else None),
-            created_at=created or rfc3339_from_epoch(row.created_at),
-            updated_at=updated or rfc3339_from_epoch(row.updated_at),
+            image=image_path(row.id) if status is State.COMPLETED else None,
+            error_code=row.error_code if status is State.FAILED else None,
+            error=row.error if status is State.FAILED else None,
+            revised_prompt=row.revised_prompt,
+            created_at=rfc3339_from_epoch(row.created_at),
+            updated_at=rfc3339_from_epoch(row.updated_at),
             prompt=prompt,
             remaining_credits=remaining,
         )
@@ -341,8 +478,8 @@ class ImageService:
         """True when the id is ours and its image finished (what a 304 may confirm)."""
         if not is_task_id(task_id):
             return False
-        row = await self._ledger(task_id)
-        return row is not None and row.state == "completed" and bool(row.image_url)
+        task = await self.get_task(task_id)
+        return task.status == "completed"
 
     async def open_image(self, task_id: str) -> ImageDownload:
         """Open the first image of a completed task upstream; NotFound when there is none.
@@ -351,11 +488,9 @@ class ImageService:
         """
         if not is_task_id(task_id):
             raise NotFound("image_not_ready")
-        row = await self._ledger(task_id)
-        if row is not None and not row.finished:
-            await self.get_task(task_id)  # it may have completed since the last poll
-            row = await self._ledger(task_id)
-        if row is None or row.state != "completed" or not row.image_url:
+        task = await self.get_task(task_id)  # it may have completed since the last poll
+        row = await self.store.get_task(task_id) if task.status == "completed" else None
+        if row is None or row.state != State.COMPLETED or not row.image_url:
             raise NotFound("image_not_ready")
         if not row.image_url.startswith(("http://", "https://")):
             raise NotFound("image_not_ready", detail="image URL is not absolute http(s)")
@@ -422,10 +557,10 @@ class ImageService:
         """
         try:
             await self.store.ping()
-        except Exception as exc:
-            log.error("not ready: database not reachable: %s", type(exc).__name__)
+        except ScenemintError as exc:
+            log.error("not ready: database not reachable: %s", exc.detail)
             raise NotReady(detail="database not reachable") from exc
-        now = time.monotonic()
+        now = asyncio.get_running_loop().time()
         if now - self._ready_at < _READY_CACHE_SECONDS:
             return
         try:
@@ -435,7 +570,7 @@ class ImageService:
             raise NotReady(detail=f"upstream: {exc.code}") from exc
         self._ready_at = now
 
-    # -- helpers -----------------------------------------------------------------------------
+    # -- reference images ----------------------------------------------------------------------
 
     def _require_upstream(self) -> UpstreamClient:
         if self.upstream is None:
@@ -443,122 +578,50 @@ class ImageService:
             raise NotConfigured()
         return self.upstream
 
-    async def _save_reference(self, task_id: str, reference: Reference) -> Path:
-        # kept on disk until the task is settled, so that a crash can be followed by a resubmit
-        path = self._references / f"{task_id}.bin"
-        await asyncio.to_thread(_write_file, path, reference.data)
-        return path
-
-    async def _drop_reference(self, path: str | Path | None) -> None:
-        if path:
-            await asyncio.to_thread(Path(path).unlink, missing_ok=True)
-
-
-_DONE = b"data: [DONE]\n\n"
-_END = object()
-_SHUTDOWN = object()
-
-
-class EnhancementStream:
-    """The SSE frames of one enhancement. Iterate once; `aclose()` closes the upstream request.
-
-    A reader task moves upstream lines into a queue so that, while the upstream is silent,
-    the stream can send `: ping` comments without cancelling a half-read line.
-    """
-
-    def __init__(
-        self,
-        stack: AsyncExitStack,
-        lines: AsyncIterator[bytes],
-        *,
-        ping_interval: float,
-        shutting_down: asyncio.Event | None = None,
-    ) -> None:
-        self._stack = stack
-        self._lines = lines
-        self._ping_interval = ping_interval
-        self._shutting_down = shutting_down or asyncio.Event()
-        self._closed = False
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._frames()
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            await self._stack.aclose()
-
-    async def _pump(self, queue: asyncio.Queue[object]) -> None:
+    async def _save_reference(self, task_id: str, reference: Reference) -> str:
         try:
-            async for line in self._lines:
-                await queue.put(line)
-            await queue.put(_END)
-        except UpstreamError as exc:
-            await queue.put(exc)
+            return str(await self.references.save(task_id, reference.data))
+        except OSError as exc:
+            log.error("cannot keep the reference image of %s: %s", task_id, exc.strerror or exc)
+            raise StoreUnavailable(detail="cannot write the reference image") from exc
 
-    async def _frames(self) -> AsyncIterator[bytes]:
-        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=256)
-        reader = asyncio.create_task(self._pump(queue))
-        stopper = asyncio.create_task(self._stop_on_shutdown(queue))
+    async def _load_reference(self, row: LedgerTask) -> Reference | None:
+        if row.mode != "image":
+            return None
         try:
-            while True:
-                try:
-                    async with asyncio.timeout(self._ping_interval):
-                        item = await queue.get()
-                except TimeoutError:
-                    yield b": ping\n\n"
-                    continue
-                if item is _SHUTDOWN:
-                    yield _error_frame("The server is restarting. Please try again.")
-                    yield _DONE
-                    return
-                if item is _END:
-                    yield _DONE  # the upstream ended without [DONE]: end the stream properly
-                    return
-                if isinstance(item, UpstreamError):
-                    yield _error_frame("The prompt enhancement stream was interrupted.")
-                    yield _DONE
-                    return
-                assert isinstance(item, bytes)
-                line = item.rstrip(b"\r\n")
-                if not line.startswith(b"data:"):
-                    continue  # comments, event names, blank separators: we write our own
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    yield _DONE
-                    return
-                if not _is_chunk(payload):
-                    # garbage or an error object: end with our own frame, never forward it
-                    log.warning("enhancement stream: unexpected frame of %d bytes", len(payload))
-                    yield _error_frame("The prompt enhancement stream was interrupted.")
-                    yield _DONE
-                    return
-                yield b"data: " + payload + b"\n\n"
-        finally:
-            reader.cancel()
-            stopper.cancel()
-            await asyncio.gather(reader, stopper, return_exceptions=True)
-            await self.aclose()
+            data = await self.references.load(row.reference_path)
+        except OSError as exc:
+            log.warning("cannot read the reference image of %s: %s", row.id, exc.strerror)
+            return None
+        if data is None:
+            return None
+        return Reference(
+            data=data,
+            filename=row.reference_name or "reference.png",
+            content_type=row.reference_type or "application/octet-stream",
+        )
 
-    async def _stop_on_shutdown(self, queue: asyncio.Queue[object]) -> None:
-        await self._shutting_down.wait()
-        # jump the queue: a client should not wait for the rest of a stream we will cut
-        while not queue.empty():
-            queue.get_nowait()
-        await queue.put(_SHUTDOWN)
+    async def drop_reference(self, task_id: str, path: str) -> bool:
+        """Remove a finished task's reference file; a failure is left for the next round."""
+        try:
+            await self.references.drop(path)
+            await self.store.reference_dropped(task_id)
+        except (OSError, StoreUnavailable) as exc:
+            log.warning("reference of %s not removed yet: %s", task_id, exc)
+            return False
+        return True
+
+    async def _drop_reference_quietly(self, path: str | None) -> None:
+        with suppress(OSError):
+            await self.references.drop(path)
 
 
-def _is_chunk(payload: bytes) -> bool:
-    """A JSON object shaped like a chat.completion.chunk (it has a `choices` list)."""
-    try:
-        frame = json.loads(payload)
-    except ValueError:
-        return False
-    return isinstance(frame, dict) and isinstance(frame.get("choices"), list)
-
-
-def _error_frame(message: str) -> bytes:
-    return b"data: " + json.dumps({"error": {"message": message}}).encode() + b"\n\n"
+def _request_hash(*, mode: str, prompt: str, size: str, reference: Reference | None) -> str:
+    """What makes two generate requests "the same" for an idempotency key."""
+    digest = hashlib.sha256()
+    reference_digest = hashlib.sha256(reference.data).hexdigest() if reference else ""
+    digest.update(json.dumps([mode, prompt, size, reference_digest]).encode())
+    return digest.hexdigest()
 
 
 def _safe_image_type(content_type: str | None) -> str:
@@ -571,17 +634,3 @@ def _safe_image_type(content_type: str | None) -> str:
 
 def _short(fingerprint: str) -> str:
     return fingerprint[:6] + "…"
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(data)
-
-
-def _read_file(path: str | None) -> bytes | None:
-    if not path:
-        return None
-    try:
-        return Path(path).read_bytes()
-    except FileNotFoundError:
-        return None

@@ -81,7 +81,9 @@ class CircuitBreaker:
 
     def check(self) -> None:
         if self.is_open:
-            raise UpstreamUnavailable(detail="circuit open: upstream failed repeatedly")
+            raise UpstreamUnavailable(
+                detail="circuit open: upstream failed repeatedly", reason="breaker"
+            )
 
     def record(self, *, ok: bool) -> None:
         if ok:
@@ -144,7 +146,10 @@ class UpstreamClient:
 
     # -- the task API ------------------------------------------------------------
 
-    async def submit_generation(self, *, task_id: str, prompt: str, size: str) -> UpstreamTask:
+    async def submit_generation(
+        self, *, task_id: str, prompt: str, size: str, time_limit: float | None = None
+    ) -> UpstreamTask:
+        """One submission attempt (the caller retries: `client_task_id` makes that safe)."""
         body = {
             "client_task_id": task_id,
             "prompt": prompt,
@@ -157,8 +162,7 @@ class UpstreamClient:
             "/api/image-tasks/generations",
             data=json.dumps(body, ensure_ascii=False).encode(),
             content_type="application/json",
-            limits=self._timeout(self._settings.submit_timeout),
-            attempts=self._settings.submit_attempts,
+            limits=self._timeout(time_limit or self._settings.submit_timeout),
         )
         return self._task(answer, expected_id=task_id)
 
@@ -171,7 +175,9 @@ class UpstreamClient:
         image: bytes,
         filename: str,
         content_type: str,
+        time_limit: float | None = None,
     ) -> UpstreamTask:
+        """One edit submission attempt, multipart with a known Content-Length."""
         fields = {
             "client_task_id": task_id,
             "prompt": prompt,
@@ -187,8 +193,7 @@ class UpstreamClient:
             "/api/image-tasks/edits",
             data=body,
             content_type=multipart_type,
-            limits=self._timeout(self._settings.submit_timeout),
-            attempts=self._settings.submit_attempts,
+            limits=self._timeout(time_limit or self._settings.submit_timeout),
         )
         return self._task(answer, expected_id=task_id)
 
@@ -400,7 +405,10 @@ class UpstreamClient:
         except UpstreamError:
             raise
         except aiohttp.ConnectionTimeoutError as exc:
-            raise self._fail(kind, "timeout", "connect timeout", timeout=True, count=count) from exc
+            # the connection never opened: nothing was sent
+            raise self._fail(
+                kind, "connect", "connect timeout", timeout=True, retryable=True, count=count
+            ) from exc
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise self._fail(
                 kind,
@@ -436,13 +444,17 @@ class UpstreamClient:
                 "upstream rejected our key (HTTP %s) on %s: check CHATGPT2API_API_KEY", status, kind
             )
             self._count_failure(kind, "auth")
-            return UpstreamUnavailable(detail=f"{kind}: HTTP {status}", upstream_status=status)
+            return UpstreamUnavailable(
+                detail=f"{kind}: HTTP {status}", upstream_status=status, reason="auth"
+            )
         return self._fail(
             kind,
             f"http_{status // 100}xx",
             f"HTTP {status}: {body}",
             upstream_status=status,
-            retryable=status in (502, 503, 504),
+            # a 5xx (a gateway's 502/504 too) does not say whether the request was acted on
+            ambiguous=status >= 500,
+            retryable=status in (429, 502, 503, 504),
             # a 4xx is about our request, not the upstream's health
             count=status >= 500,
         )
@@ -466,9 +478,13 @@ class UpstreamClient:
         else:
             self._metrics.upstream_failures.labels(kind, reason).inc()
         error_type = UpstreamTimeout if timeout else UpstreamError
-        error = error_type(detail=detail, ambiguous=ambiguous, upstream_status=upstream_status)
-        error.retryable = retryable
-        return error
+        return error_type(
+            detail=detail,
+            ambiguous=ambiguous,
+            upstream_status=upstream_status,
+            reason=reason,
+            retryable=retryable,
+        )
 
     def _count_failure(self, kind: str, reason: str) -> None:
         self._metrics.upstream_failures.labels(kind, reason).inc()

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .errors import BadRequest, PayloadTooLarge
 
 _FINGERPRINT = re.compile(r"[A-Za-z0-9_-]{8,256}")
+_IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
 
 # magic numbers of the formats the upstream accepts
 _SIGNATURES: tuple[tuple[str, bytes], ...] = (
@@ -33,6 +34,18 @@ def clean_fingerprint(fingerprint: object) -> str:
     if not _FINGERPRINT.fullmatch(text):
         raise BadRequest("invalid_fingerprint")
     return text
+
+
+def clean_idempotency_key(key: object) -> str | None:
+    """An Idempotency-Key header: None when absent, else 1 to 255 printable ASCII characters.
+
+    Compared as received (HTTP itself drops spaces around a header value).
+    """
+    if key is None:
+        return None
+    if not isinstance(key, str) or not _IDEMPOTENCY_KEY.fullmatch(key):
+        raise BadRequest("invalid_idempotency_key")
+    return key
 
 
 def sniff_image_type(data: bytes) -> str | None:

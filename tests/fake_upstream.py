@@ -160,6 +160,15 @@ class _Fault:
     seconds: float = 0.0
     payload: Any = None
     after_processing: bool = False
+    contains: str | None = None  # only requests whose query or body contains this
+
+    def matches(self, record: RecordedRequest) -> bool:
+        if not record.path.startswith(self.path_prefix):
+            return False
+        if self.contains is None:
+            return True
+        haystack = "&".join(f"{k}={v}" for k, v in record.query.items())
+        return self.contains in haystack or self.contains.encode() in record.body
 
 
 @dataclass
@@ -603,6 +612,7 @@ class FakeUpstream:
         content_type: str = "application/json",
         times: int | None = None,
         after_processing: bool = False,
+        contains: str | None = None,
     ) -> None:
         """Answer ``status`` with ``body``."""
         raw = body.encode() if isinstance(body, str) else body
@@ -615,6 +625,7 @@ class FakeUpstream:
                 body=raw,
                 content_type=content_type,
                 after_processing=after_processing,
+                contains=contains,
             )
         )
 
@@ -623,10 +634,19 @@ class FakeUpstream:
         self._add_fault(_Fault("delay", path_prefix, times, seconds=seconds))
 
     def garbage(
-        self, path_prefix: str, *, times: int | None = None, after_processing: bool = False
+        self,
+        path_prefix: str,
+        *,
+        times: int | None = None,
+        after_processing: bool = False,
+        contains: str | None = None,
     ) -> None:
         """Answer 200 with a body that is not valid JSON (or SSE frames of garbage)."""
-        self._add_fault(_Fault("garbage", path_prefix, times, after_processing=after_processing))
+        self._add_fault(
+            _Fault(
+                "garbage", path_prefix, times, after_processing=after_processing, contains=contains
+            )
+        )
 
     def wrong_shape(
         self,
@@ -660,10 +680,23 @@ class FakeUpstream:
         self._add_fault(_Fault("drop", path_prefix, times, after_processing=after_processing))
 
     def never_end(
-        self, path_prefix: str, *, times: int | None = None, after_processing: bool = False
+        self,
+        path_prefix: str,
+        *,
+        times: int | None = None,
+        after_processing: bool = False,
+        contains: str | None = None,
     ) -> None:
         """Send headers and a little body, then keep the response open until stop()."""
-        self._add_fault(_Fault("never_end", path_prefix, times, after_processing=after_processing))
+        self._add_fault(
+            _Fault(
+                "never_end",
+                path_prefix,
+                times,
+                after_processing=after_processing,
+                contains=contains,
+            )
+        )
 
     def hold(self, path_prefix: str) -> Hold:
         """Process matching requests but keep their responses until released."""
@@ -695,12 +728,13 @@ class FakeUpstream:
             holds = list(self._holds)
         self._release_holds(holds)
 
-    def _take_faults(self, path: str) -> tuple[float, _Fault | None, Hold | None]:
+    def _take_faults(self, record: RecordedRequest) -> tuple[float, _Fault | None, Hold | None]:
+        path = record.path
         delay = 0.0
         chosen: _Fault | None = None
         with self._lock:
             for fault in self._faults:
-                if not path.startswith(fault.path_prefix):
+                if not fault.matches(record):
                     continue
                 if fault.kind == "delay":
                     if delay:
@@ -730,7 +764,7 @@ class FakeUpstream:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         record = await self._record(request)
-        delay, fault, hold = self._take_faults(record.path)
+        delay, fault, hold = self._take_faults(record)
         if delay:
             await asyncio.sleep(delay)
         if fault is not None and not fault.after_processing:

@@ -61,6 +61,11 @@ class RunningService:
             if not self._thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("service did not start")
             time.sleep(0.01)
+        # the start-up reconcile round has run: a test's own requests never race with it
+        while self.app.state.reconciler.rounds < 1:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the start-up reconcile round did not finish")
+            time.sleep(0.01)
         return self
 
     def stop(self) -> None:

@@ -512,8 +512,9 @@ def test_without_an_upstream_generation_is_503_and_spends_nothing(tmp_path, logs
     assert "CHATGPT2API_BASE_URL" in logs.text()
 
 
-@pytest.mark.parametrize("status", [500, 400, 422])
+@pytest.mark.parametrize("status", [400, 404, 422])
 def test_a_refused_submission_is_502_and_gives_the_credit_back(funded, upstream, status):
+    """A 4xx of the task API proves the task was not created: refunded at once."""
     upstream.fail(GENERATIONS, status=status)
     answer = generate(funded)
     assert_envelope(answer, 502, "upstream_failed")
@@ -521,8 +522,22 @@ def test_a_refused_submission_is_502_and_gives_the_credit_back(funded, upstream,
     assert balance(funded) == 10
 
 
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+def test_a_5xx_submission_keeps_the_charge_and_answers_the_task(funded, upstream, status):
+    """A 5xx (a gateway's 502/504 too) does not say whether the task was created: the client
+    gets its task as queued, the charge is kept, and nothing is refunded on a guess."""
+    upstream.fail(GENERATIONS, status=status)
+    answer = generate(funded)
+    assert answer.status_code == 200, answer.text
+    data = answer.json()["data"]
+    assert data["status"] == "queued" and data["remainingCredits"] == 9
+    assert len(upstream.recorded(GENERATIONS)) == 3  # retried with the same id meanwhile
+    assert {r.json["client_task_id"] for r in upstream.recorded(GENERATIONS)} == {data["id"]}
+    assert balance(funded) == 9
+
+
 def test_a_refused_edit_is_502_and_gives_the_credit_back(funded, upstream):
-    upstream.fail(EDITS, status=500)
+    upstream.fail(EDITS, status=400)
     answer = generate_form(funded, {"image": ("a.png", TINY_PNG, "image/png")})
     assert_envelope(answer, 502, "upstream_failed")
     assert len(upstream.recorded(EDITS)) == 1
@@ -543,7 +558,7 @@ def test_an_unreachable_upstream_is_502_and_gives_the_credit_back(tmp_path, logs
 
 
 def test_a_failed_submission_does_not_block_the_next_one(funded, upstream):
-    upstream.fail(GENERATIONS, status=500, times=1)
+    upstream.fail(GENERATIONS, status=400, times=1)
     assert_envelope(generate(funded), 502, "upstream_failed")
     answer = generate(funded)
     assert answer.status_code == 200, answer.text

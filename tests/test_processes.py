@@ -65,7 +65,19 @@ def balance(url: str, fingerprint: str = FP) -> int:
     return int(answer.json()["data"]["balance"])
 
 
-def kill_during_submission(upstream, tmp_path: Path, env: dict[str, str]) -> str:
+def post_generate(url: str, *, key: str | None = None, timeout: float = 30) -> httpx.Response:
+    headers = {"Idempotency-Key": key} if key else {}
+    return httpx.post(
+        url + "/api/images/generate",
+        json={"prompt": "a boat", "fingerprint": FP},
+        headers=headers,
+        timeout=timeout,
+    )
+
+
+def kill_during_submission(
+    upstream, tmp_path: Path, env: dict[str, str], *, key: str | None = None
+) -> str:
     """Start a service, let it charge and submit, SIGKILL it while the upstream holds the answer."""
     hold = upstream.hold(GENERATIONS)
     first = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
@@ -74,11 +86,7 @@ def kill_during_submission(upstream, tmp_path: Path, env: dict[str, str]) -> str
 
         def doomed_request() -> None:
             with contextlib.suppress(httpx.HTTPError):  # the server dies under it
-                httpx.post(
-                    first.url + "/api/images/generate",
-                    json={"prompt": "a boat", "fingerprint": FP},
-                    timeout=30,
-                )
+                post_generate(first.url, key=key)
 
         client = threading.Thread(target=doomed_request, daemon=True)
         client.start()
@@ -93,50 +101,135 @@ def kill_during_submission(upstream, tmp_path: Path, env: dict[str, str]) -> str
 
 
 @pytest.mark.parametrize("upstream_kept_it", [True, False])
-def test_credit_survives_a_sigkill_during_submission(upstream, tmp_path, upstream_kept_it):
-    """Killed between charge and answer; after restart the credit is spent on a real task."""
-    env = env_for(upstream, SCENEMINT_DATA_DIR=str(tmp_path / "data"))
+def test_a_task_whose_answer_never_left_is_refunded_after_a_sigkill(
+    upstream, tmp_path, upstream_kept_it
+):
+    """Killed between charge and answer: the client never got the task id, so the credit
+    comes back within one lease period plus one round, whatever the upstream made of it."""
+    env = env_for(
+        upstream,
+        SCENEMINT_DATA_DIR=str(tmp_path / "data"),
+        SCENEMINT_LEASE_SECONDS="1",
+        SCENEMINT_RECONCILE_INTERVAL="0.5",
+    )
     task_id = kill_during_submission(upstream, tmp_path, env)
     upstream.release()
     if not upstream_kept_it:
         upstream.forget_task(task_id)
+    killed_at = time.monotonic()
     second = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
     try:
-        # the start-up reconcile settles the row without anyone polling
-        wait_until(
-            lambda: ledger_rows(tmp_path / "data")[0][1] != "submitting",
-            what="start-up reconciliation",
-        )
-        assert ledger_rows(tmp_path / "data") == [(task_id, "queued", 0)]
-        assert upstream.task(task_id) is not None
-        assert len(upstream.recorded(GENERATIONS)) == (1 if upstream_kept_it else 2)
+        wait_until(lambda: ledger_rows(tmp_path / "data")[0][2] == 1, what="the refund")
+        assert time.monotonic() - killed_at < 1 + 0.5 + 5  # lease + round + start-up
+        assert ledger_rows(tmp_path / "data") == [(task_id, "failed", 1)]
+        assert balance(second.url) == 10
+        assert len(upstream.recorded(GENERATIONS)) == 1  # never sent again
+    finally:
+        second.stop()
+    checked = audit(env, tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "charged 1, refunded 1" in checked.stdout
+
+
+def test_a_client_coming_back_with_its_key_gets_the_task_of_a_killed_request(upstream, tmp_path):
+    """The same Idempotency-Key after a crash: the client gets its task (no second charge);
+    while the dead request's lease runs it is told to come back (409 in progress)."""
+    env = env_for(
+        upstream,
+        SCENEMINT_DATA_DIR=str(tmp_path / "data"),
+        SCENEMINT_LEASE_SECONDS="2",
+        SCENEMINT_RECONCILE_INTERVAL="3600",
+    )
+    task_id = kill_during_submission(upstream, tmp_path, env, key="retry-me-1")
+    upstream.release()
+    second = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
+    try:
+        statuses = []
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            answer = post_generate(second.url, key="retry-me-1")
+            statuses.append(answer.status_code)
+            if answer.status_code != 409:
+                break
+            assert answer.headers["retry-after"] == "1"
+            assert answer.json()["error"] == "idempotency_in_progress"
+            time.sleep(0.3)
+        assert statuses[-1] == 200, answer.text
+        data = answer.json()["data"]
+        assert data["id"] == task_id and data["remainingCredits"] == 9
+        assert len(upstream.tasks) == 1  # the resubmission found the same upstream task
+        again = post_generate(second.url, key="retry-me-1")
+        assert again.json()["data"]["id"] == task_id
+        assert balance(second.url) == 9
+    finally:
+        second.stop()
+    checked = audit(env, tmp_path)
+    assert checked.returncode == 0 and "charged 1, refunded 0" in checked.stdout
+
+
+def test_a_task_answered_before_a_sigkill_is_settled_after_restart(upstream, tmp_path):
+    """The answer (queued, outcome unknown) left; then the process died: after restart the
+    task is found upstream and kept, not refunded."""
+    env = env_for(
+        upstream,
+        SCENEMINT_DATA_DIR=str(tmp_path / "data"),
+        SCENEMINT_SUBMIT_TIMEOUT="0.5",
+        SCENEMINT_SUBMIT_ATTEMPTS="1",
+    )
+    upstream.hold(GENERATIONS)
+    first = ServiceProcess({**env, "SCENEMINT_RECONCILE_INTERVAL": "3600"}, cwd=str(tmp_path))
+    try:
+        first.wait_ready()
+        httpx.post(first.url + "/api/quota/check-in", json={"fingerprint": FP}, timeout=10)
+        answer = post_generate(first.url)
+        assert answer.json()["data"]["status"] == "queued"
+        first.kill()
+    finally:
+        first.stop()
+    task_id = answer.json()["data"]["id"]
+    upstream.release()
+    second = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
+    try:
+        wait_until(lambda: ledger_rows(tmp_path / "data")[0][1] == "queued", what="the reconciler")
         assert balance(second.url) == 9
         upstream.complete_task(task_id)
         polled = httpx.get(f"{second.url}/api/images/tasks/{task_id}", timeout=10).json()["data"]
         assert polled["status"] == "completed"
     finally:
         second.stop()
-    checked = audit(env, tmp_path)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "charged 1, refunded 0" in checked.stdout
 
 
-def test_credit_of_a_killed_submission_too_old_to_resubmit_is_refunded(upstream, tmp_path):
+def test_sigterm_answers_a_generate_in_flight_with_its_task(upstream, tmp_path):
+    """On shutdown the request in flight gets its task (queued), not a plain-text 500."""
     env = env_for(upstream, SCENEMINT_DATA_DIR=str(tmp_path / "data"))
-    task_id = kill_during_submission(upstream, tmp_path, env)
-    upstream.release()
-    upstream.forget_task(task_id)
-    second = ServiceProcess({**env, "SCENEMINT_RESUBMIT_WINDOW": "0"}, cwd=str(tmp_path))
+    hold = upstream.hold(GENERATIONS)
+    server = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
     try:
-        second.wait_ready()
-        wait_until(lambda: ledger_rows(tmp_path / "data")[0][2] == 1, what="refund")
-        assert ledger_rows(tmp_path / "data") == [(task_id, "failed", 1)]
-        assert balance(second.url) == 10
-        assert len(upstream.recorded(GENERATIONS)) == 1
+        httpx.post(server.url + "/api/quota/check-in", json={"fingerprint": FP}, timeout=10)
+        result: dict = {}
+        client = threading.Thread(
+            target=lambda: result.setdefault("answer", post_generate(server.url)), daemon=True
+        )
+        client.start()
+        assert hold.wait(15)
+        began = time.monotonic()
+        server.process.terminate()
+        client.join(15)
+        assert time.monotonic() - began < 5
+        answer = result["answer"]
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["data"]["status"] == "queued"
+        assert server.process.wait(15) == 0
     finally:
-        second.stop()
-    checked = audit(env, tmp_path)
-    assert checked.returncode == 0 and "charged 1, refunded 1" in checked.stdout
+        upstream.release()
+        server.stop()
+    task_id = answer.json()["data"]["id"]
+    conn = sqlite3.connect(tmp_path / "data" / "scenemint.sqlite3")
+    handed, owner = conn.execute(
+        "SELECT handed_at, lease_owner FROM tasks WHERE id = ?", (task_id,)
+    ).fetchone()
+    conn.close()
+    assert handed is not None and owner is None
 
 
 # --- two instances, one PostgreSQL database ------------------------------------------------

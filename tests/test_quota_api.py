@@ -23,6 +23,7 @@ from scenemint.config import Settings
 from scenemint.errors import NoCredits
 from scenemint.store import NewTask, QuotaStatus, SQLStore
 from tests.conftest import FINGERPRINT, assert_envelope, balance, check_in, make_settings
+from tests.ledger_ops import refund
 from tests.service_runner import RunningService, running_service
 
 STATUS = "/api/quota/status"
@@ -445,9 +446,9 @@ def test_a_refund_happens_exactly_once(tmp_path):
     async def body(store: SQLStore, clock: Clock) -> tuple[int, bool, int, bool, int, Any]:
         await store.check_in(FP)
         charged = (await store.spend(task("refund-me"))).balance
-        first = await store.fail_task("refund-me", error="boom")
+        first = await refund(store, "refund-me", error="boom")
         after_first = (await store.status(FP)).balance
-        second = await store.fail_task("refund-me", error="boom again")
+        second = await refund(store, "refund-me", error="boom again")
         after_second = (await store.status(FP)).balance
         return charged, first, after_first, second, after_second, await store.get_task("refund-me")
 
@@ -464,7 +465,7 @@ def test_a_refund_happens_exactly_once(tmp_path):
 def test_refunding_an_unknown_task_does_nothing(tmp_path):
     async def body(store: SQLStore, clock: Clock) -> tuple[bool, int]:
         await store.check_in(FP)
-        return await store.fail_task("no-such-task", error="x"), (await store.status(FP)).balance
+        return await refund(store, "no-such-task", error="x"), (await store.status(FP)).balance
 
     assert with_store(tmp_path, body) == (False, 10)
 
@@ -477,7 +478,7 @@ def test_a_refund_is_not_capped(tmp_path):
         charged = (await store.spend(task("uncapped"))).balance  # 99
         clock.now += DAY
         topped = (await store.check_in(FP)).balance  # back to the cap
-        refunded = await store.fail_task("uncapped", error="failed upstream")
+        refunded = await refund(store, "uncapped", error="failed upstream")
         return charged, topped, refunded, (await store.status(FP)).balance
 
     charged, topped, refunded, final = with_store(tmp_path, body)

@@ -83,9 +83,9 @@ def test_the_key_appears_in_no_answer_and_no_log_line(tmp_path, upstream, logs):
         assert calls.enhance().status_code == 200
 
         # failures whose upstream bodies echo the key
-        upstream.fail(GENERATIONS, status=500, body=echo, times=1)
+        upstream.fail(GENERATIONS, status=400, body=echo, times=1)
         assert calls.generate().status_code == 502
-        upstream.fail(EDITS, status=500, body=echo, times=1)
+        upstream.fail(EDITS, status=400, body=echo, times=1)
         edit = calls.send(
             "POST",
             "/api/images/generate",
@@ -201,7 +201,7 @@ def test_one_upstream_line_per_upstream_call_with_its_timing(service, upstream, 
     service.http.get(f"/api/images/tasks/{task_id}")
     service.http.get(f"/api/images/tasks/{task_id}/image")
     service.http.post(ENHANCE, json={"prompt": "x", "direction": "details"})
-    upstream.fail(GENERATIONS, status=500, times=1)
+    upstream.fail(GENERATIONS, status=400, times=1)
     service.http.post("/api/images/generate", json={"prompt": "b", "fingerprint": FINGERPRINT})
 
     kind_of = {
@@ -220,7 +220,7 @@ def test_one_upstream_line_per_upstream_call_with_its_timing(service, upstream, 
         {("POST", "submit"): 2, ("GET", "list"): 2, ("GET", "image"): 1, ("POST", "chat"): 1}
     )
     statuses = Counter(UPSTREAM_CALL.match(line).group(3) for line in lines)
-    assert statuses == Counter({"200": 5, "500": 1})
+    assert statuses == Counter({"200": 5, "400": 1})
 
 
 def test_an_upstream_failure_is_logged_with_its_status_and_a_truncated_body(
@@ -228,7 +228,7 @@ def test_an_upstream_failure_is_logged_with_its_status_and_a_truncated_body(
 ):
     check_in(service)
     long_body = "E" + "x" * 2000
-    upstream.fail(GENERATIONS, status=500, body=long_body, content_type="text/plain", times=1)
+    upstream.fail(GENERATIONS, status=400, body=long_body, content_type="text/plain", times=1)
     answer = service.http.post(
         "/api/images/generate", json={"prompt": "a fox", "fingerprint": FINGERPRINT}
     )
@@ -238,7 +238,7 @@ def test_an_upstream_failure_is_logged_with_its_status_and_a_truncated_body(
     assert len(failures) == 1
     line = failures[0]
     assert line.startswith("WARNING scenemint.upstream")
-    assert "HTTP 500" in line
+    assert "HTTP 400" in line
     assert "Ex" in line
     body_in_log = line[line.index("Ex") :]
     assert 100 <= len(body_in_log) <= 400  # a readable start, not the whole body

@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from scenemint.errors import NoCredits
+from scenemint.settlement import State
 from scenemint.store import NewTask, SQLStore
+from tests.ledger_ops import complete, move, refund
 
 FP = "fingerprint-0001"
 DAY = 86_400.0
@@ -93,7 +95,7 @@ def test_failed_task_is_refunded_exactly_once_under_concurrency(database_url):
     async def body(store, clock):
         await store.check_in(FP)
         await store.spend(task("r-1"))
-        outcomes = await asyncio.gather(*(store.fail_task("r-1", error="boom") for _ in range(20)))
+        outcomes = await asyncio.gather(*(refund(store, "r-1", error="boom") for _ in range(20)))
         return outcomes, await store.status(FP), await store.get_task("r-1"), await store.audit()
 
     outcomes, status, row, report = with_store(database_url, body)
@@ -107,14 +109,14 @@ def test_completed_task_is_never_refunded(database_url):
     async def body(store, clock):
         await store.check_in(FP)
         await store.spend(task("k-1"))
-        await store.update_task("k-1", state="completed", image_url="http://u/x.png")
-        refunded = await store.fail_task("k-1", error="late")
-        again = await store.update_task("k-1", state="running")
-        return refunded, again, await store.status(FP)
+        await complete(store, "k-1", "http://u/x.png")
+        refunded = await refund(store, "k-1", error="late")
+        moved = await move(store, "k-1", State.RUNNING)
+        return refunded, moved, await store.get_task("k-1"), await store.status(FP)
 
-    refunded, again, status = with_store(database_url, body)
-    assert refunded is False
-    assert again.state == "completed" and again.image_url == "http://u/x.png"
+    refunded, moved, row, status = with_store(database_url, body)
+    assert refunded is False and moved is None
+    assert row.state == "completed" and row.image_url == "http://u/x.png"
     assert status.balance == 9
 
 
@@ -125,7 +127,7 @@ def test_refund_is_not_capped(database_url):
             clock.now += DAY
         await store.spend(task("cap-1"))
         await store.check_in(FP)  # back to 100
-        await store.fail_task("cap-1", error="x")
+        await refund(store, "cap-1", error="x")
         return await store.status(FP)
 
     assert with_store(database_url, body).balance == 101
@@ -169,26 +171,30 @@ def test_day_boundary_in_shanghai(database_url):
     assert with_store(database_url, body, tz=ZoneInfo("Asia/Shanghai")) == 20
 
 
-def test_unfinished_tasks_lists_only_unsettled_rows_oldest_first(database_url):
+def test_settleable_lists_unfinished_rows_without_a_live_lease_oldest_first(database_url):
     async def body(store, clock):
         await store.check_in(FP)
-        for name in ("u-1", "u-2", "u-3", "u-4"):
+        for name in ("u-1", "u-2", "u-3", "u-4", "u-5"):
             await store.spend(task(name))
             clock.now += 1
-        await store.update_task("u-2", state="running")
-        await store.update_task("u-3", state="completed", image_url="http://x/y")
-        await store.fail_task("u-4", error="x")
-        return [row.id for row in await store.unfinished_tasks(older_than=clock.now, limit=10)]
+        await move(store, "u-2", State.RUNNING)
+        await complete(store, "u-3", "http://x/y")
+        await refund(store, "u-4", error="x")
+        row = await store.get_task("u-5")
+        await store.claim(row, owner="someone", seconds=30)  # in flight elsewhere
+        listed = [row.id for row in await store.settleable(limit=10)]
+        clock.now += 31  # the lease lapsed: the row is anybody's again
+        return listed, [row.id for row in await store.settleable(limit=10)]
 
-    assert with_store(database_url, body) == ["u-1", "u-2"]
+    assert with_store(database_url, body) == (["u-1", "u-2"], ["u-1", "u-2", "u-5"])
 
 
 def test_migrations_are_versioned_and_applied_once(database_url):
     async def body(store, clock):
         return await store.schema_version()
 
-    assert with_store(database_url, body) == 2
-    assert with_store(database_url, body) == 2  # reopening applies nothing twice
+    assert with_store(database_url, body) == 3
+    assert with_store(database_url, body) == 3  # reopening applies nothing twice
 
 
 def test_journal_is_append_only(database_url):
@@ -296,11 +302,11 @@ def test_any_sequence_of_operations_keeps_the_audit_green(fresh_database, ops):
                     assert expected[fp] == 0
             elif op == "refund" and spent:
                 victim = sorted(spent)[which % len(spent)]
-                if await store.fail_task(victim, error="x"):
+                if await refund(store, victim, error="x"):
                     expected[spent[victim]] += 1
             elif op == "complete" and spent:
                 victim = sorted(spent)[which % len(spent)]
-                await store.update_task(victim, state="completed", image_url="http://i/x")
+                await complete(store, victim, "http://i/x")
             elif op == "next_day":
                 clock.now += DAY
         report = await store.audit()

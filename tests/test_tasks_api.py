@@ -146,26 +146,34 @@ def test_empty_optional_fields_are_omitted(service, upstream):
     assert polled["size"] == "16:9"
 
 
-def test_timestamps_are_rfc3339_even_when_the_upstream_omits_the_timezone(service, upstream):
+def test_timestamps_are_ours_whatever_the_upstream_writes(service, upstream):
+    """createdAt/updatedAt come from our ledger: an upstream in UTC+8 writing naive local
+    times, or garbage, changes nothing (issue 9, defect 9 and 4)."""
     upstream.naive_timestamps = True
     check_in(service)
+    before = dt.datetime.now(dt.UTC).replace(microsecond=0)
     task = generate(service)
-    assert "+" not in upstream.task(task["id"])["created_at"]  # the fake really is naive
+    eight_hours_ahead = (dt.datetime.now(dt.UTC) + dt.timedelta(hours=8)).strftime(
+        "%Y-%m-%d %H:%M:%S"
+    )
     upstream.set_task(
         task["id"],
         status="running",
-        created_at="2024-05-01T12:00:00",
-        updated_at="2024-05-01T12:00:07.250",
+        created_at=eight_hours_ahead,
+        updated_at="9999-12-31T23:59:59-01:00",
     )
     polled = poll(service, task["id"])
-    assert is_rfc3339(polled["createdAt"]), polled
-    assert is_rfc3339(polled["updatedAt"]), polled
-    # a naive upstream timestamp is UTC
-    assert dt.datetime.fromisoformat(polled["createdAt"].replace("Z", "+00:00")) == dt.datetime(
-        2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC
-    )
-    updated = dt.datetime.fromisoformat(polled["updatedAt"].replace("Z", "+00:00"))
-    assert updated.replace(microsecond=0) == dt.datetime(2024, 5, 1, 12, 0, 7, tzinfo=dt.UTC)
+    assert polled["status"] == "running"
+    after = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+    for field in ("createdAt", "updatedAt"):
+        assert is_rfc3339(polled[field]), polled
+        moment = dt.datetime.fromisoformat(polled[field].replace("Z", "+00:00"))
+        assert before <= moment <= after, polled
+    assert polled["createdAt"] == task["createdAt"]
+    upstream.set_task(task["id"], status="error", created_at=1_700_000_000_000, error="nope")
+    failed = poll(service, task["id"])
+    assert failed["status"] == "failed" and failed["error"] == "nope"
+    assert balance(service) == 10
 
 
 def test_generate_answer_timestamps_are_rfc3339(service, upstream):

@@ -1,7 +1,9 @@
 """What the service needs from a store: credits (the quota component) and the task ledger.
 
 Credits and ledger share one store because a charge and its ledger row, and a refund and
-the row's new state, must change together in one transaction.
+the row's new state, must change together in one transaction. The ledger row is the task:
+its state, its version (bumped by every change), its lease (who may act on it, until when,
+by the store's clock) and whether its answer was handed to the client.
 """
 
 from __future__ import annotations
@@ -9,12 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from ..settlement import FINISHED, Decision, State
+
 DAILY_GRANT = 10
 CAP = 100
-
-# ledger row states; "submitting" means: credit taken, upstream's answer not yet heard
-SUBMITTING = "submitting"
-UNFINISHED_STATES = ("submitting", "queued", "running")
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,11 @@ class QuotaStatus:
 
 @dataclass(frozen=True, slots=True)
 class NewTask:
-    """What a charge records about the generation it pays for (and what a resubmission needs)."""
+    """What a charge records about the generation it pays for (and what a resubmission needs).
+
+    The row starts in `state`, leased to `lease_owner` for `lease_seconds`: the request that
+    charges it owns it until it writes the outcome or its lease lapses.
+    """
 
     id: str
     fingerprint: str
@@ -45,15 +49,11 @@ class NewTask:
     reference_path: str | None = None
     reference_name: str | None = None
     reference_type: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Charge:
-    """One credit taken for one task; refundable exactly once through `Store.fail_task`."""
-
-    task_id: str
-    fingerprint: str
-    balance: int  # after the charge
+    state: State = State.SUBMITTING
+    lease_owner: str | None = None
+    lease_seconds: float = 0.0
+    idempotency_key: str | None = None
+    request_hash: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,22 +63,47 @@ class LedgerTask:
     mode: str
     prompt: str
     size: str
-    state: str  # submitting, queued, running, completed, failed
+    state: str
+    version: int
     refunded: bool
+    lease_owner: str | None
+    lease_until: float
+    handed_at: float | None
+    idempotency_key: str | None
+    request_hash: str | None
     image_url: str | None
     revised_prompt: str | None
+    error_code: str | None
     error: str | None
     reference_path: str | None
     reference_name: str | None
     reference_type: str | None
-    upstream_created_at: str | None
-    upstream_updated_at: str | None
     created_at: float
     updated_at: float
 
     @property
     def finished(self) -> bool:
-        return self.state in ("completed", "failed")
+        return self.state in FINISHED
+
+    @property
+    def handed(self) -> bool:
+        return self.handed_at is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    """One credit taken for one task; the row as created and the balance after the charge."""
+
+    task: LedgerTask
+    balance: int
+
+
+class KeyInUse(Exception):
+    """The idempotency key already names a task of this fingerprint: nothing was charged."""
+
+    def __init__(self, task: LedgerTask) -> None:
+        super().__init__(f"idempotency key in use by task {task.id}")
+        self.task = task
 
 
 @dataclass(slots=True)
@@ -104,33 +129,45 @@ class QuotaStore(Protocol):
     async def check_in(self, fingerprint: str) -> QuotaStatus: ...
 
     async def spend(self, task: NewTask) -> Charge:
-        """Take one credit and record the task as submitting; raises NoCredits."""
-        ...
-
-    async def fail_task(self, task_id: str, *, error: str) -> bool:
-        """Mark the task failed and refund its charge; True only for the call that refunded."""
+        """Take one credit and record the task; raises NoCredits, or KeyInUse (nothing charged)."""
         ...
 
 
 class Store(QuotaStore, Protocol):
-    """QuotaStore plus the task ledger the service and the reconciler keep."""
+    """QuotaStore plus the task ledger, changed only by settlement decisions."""
+
+    def now(self) -> float:
+        """The store's clock (seconds since the epoch): leases are compared against it."""
+        ...
 
     async def get_task(self, task_id: str) -> LedgerTask | None: ...
 
-    async def update_task(
-        self,
-        task_id: str,
-        *,
-        state: str,
-        image_url: str | None = None,
-        revised_prompt: str | None = None,
-        upstream_created_at: str | None = None,
-        upstream_updated_at: str | None = None,
+    async def task_by_key(self, fingerprint: str, key: str) -> LedgerTask | None: ...
+
+    async def apply(
+        self, row: LedgerTask, decision: Decision, *, owner: str | None = None
     ) -> LedgerTask | None:
-        """Move an unfinished task to `state` (not "failed": use fail_task). Finished rows stay."""
+        """Write `decision` if the row is still at `row.version` (and the guard holds);
+        a FAILED decision refunds in the same transaction. None when stale: nothing changed."""
         ...
 
-    async def unfinished_tasks(self, *, older_than: float, limit: int) -> list[LedgerTask]: ...
+    async def claim(self, row: LedgerTask, *, owner: str, seconds: float) -> LedgerTask | None:
+        """Take the lease of a row nobody holds (at `row.version`); None when someone else did."""
+        ...
+
+    async def renew(self, row: LedgerTask, *, owner: str, seconds: float) -> bool:
+        """Extend a lease we hold; False when it is no longer ours."""
+        ...
+
+    async def settleable(self, *, limit: int) -> list[LedgerTask]:
+        """Unfinished rows that no live lease holds, oldest first."""
+        ...
+
+    async def forget_keys(self, *, created_before: float) -> int: ...
+
+    async def stale_references(self, *, limit: int) -> list[tuple[str, str]]: ...
+
+    async def reference_dropped(self, task_id: str) -> None: ...
 
     async def audit(self) -> AuditReport: ...
 

@@ -70,9 +70,30 @@ _APPEND_ONLY = {
 }
 
 
+# the settlement core: a version every change bumps, a lease (owner, until), whether the
+# answer reached the client, idempotency keys, and our own code for why a task failed
+_V3 = [
+    "ALTER TABLE tasks ADD COLUMN version INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN lease_owner TEXT",
+    "ALTER TABLE tasks ADD COLUMN lease_until {real} NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN handed_at {real}",
+    "ALTER TABLE tasks ADD COLUMN idempotency_key TEXT",
+    "ALTER TABLE tasks ADD COLUMN request_hash TEXT",
+    "ALTER TABLE tasks ADD COLUMN error_code TEXT",
+    # before this version every submission was answered (as "queued" when its outcome was
+    # unknown): its answer was handed
+    "UPDATE tasks SET handed_at = created_at",
+    "CREATE UNIQUE INDEX tasks_idempotency ON tasks (fingerprint, idempotency_key)"
+    " WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX tasks_keyed ON tasks (created_at) WHERE idempotency_key IS NOT NULL",
+    "CREATE INDEX tasks_references ON tasks (id) WHERE reference_path IS NOT NULL",
+]
+
+
 def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
     types = _TYPES[dialect]
     return [
         (1, [statement.format(**types) for statement in _V1]),
         (2, list(_APPEND_ONLY[dialect])),
+        (3, [statement.format(**types) for statement in _V3]),
     ]

@@ -3,9 +3,17 @@
 The logic is written once as synchronous functions over a small `Tx` wrapper and run in
 a thread pool, so that SQLite (stdlib `sqlite3`) and PostgreSQL (`psycopg`) share every
 rule. Atomicity comes from the databases: a charge is one conditional `UPDATE ... WHERE
-balance > 0`, a refund is one conditional `UPDATE ... WHERE refunded = 0`, each in the same
-transaction as its ledger row and its journal entry; a unique index on the journal makes a
-second refund of the same task impossible even if the logic were wrong.
+balance > 0` in the transaction that inserts its ledger row and journal entry; every later
+change of a row is a settlement decision written by one `UPDATE ... WHERE id = ? AND
+version = ?` (plus the lease guard), and a FAILED decision refunds in that transaction. A
+unique index on the journal makes a second refund of a task impossible even if the logic
+were wrong.
+
+Leases are compared against the store's clock: on PostgreSQL each instance measures its
+offset to the database server's clock, so instances on machines whose clocks disagree still
+agree on when a lease lapsed.
+
+Driver errors never leave this module: a database that fails answers `StoreUnavailable`.
 
 SQLite runs in WAL mode with a busy timeout and takes its write lock up front
 (`BEGIN IMMEDIATE`), which makes several worker processes on one file safe.
@@ -15,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import sqlite3
 import threading
 import time
@@ -24,29 +33,33 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import NoCredits
+from ..errors import NoCredits, ScenemintError, StoreUnavailable
+from ..settlement import UNFINISHED, Decision, Guard, State
 from .base import (
     CAP,
     DAILY_GRANT,
-    SUBMITTING,
-    UNFINISHED_STATES,
     AuditReport,
     Charge,
+    KeyInUse,
     LedgerTask,
     NewTask,
     QuotaStatus,
 )
 from .migrations import migrations_for
 
+log = logging.getLogger("scenemint.store")
+
 T = TypeVar("T")
 Row = tuple[Any, ...]
 
 _TASK_COLUMNS = (
-    "id, fingerprint, mode, prompt, size, state, refunded, image_url, revised_prompt, error, "
-    "reference_path, reference_name, reference_type, upstream_created_at, upstream_updated_at, "
-    "created_at, updated_at"
+    "id, fingerprint, mode, prompt, size, state, version, refunded, lease_owner, lease_until,"
+    " handed_at, idempotency_key, request_hash, image_url, revised_prompt, error_code, error,"
+    " reference_path, reference_name, reference_type, created_at, updated_at"
 )
-_UNFINISHED = "('" + "','".join(UNFINISHED_STATES) + "')"
+_UNFINISHED = "('" + "','".join(sorted(UNFINISHED)) + "')"
+_FINISHED = "('completed','failed')"
+_CLOCK_CHECK_SECONDS = 60.0
 
 
 class Tx:
@@ -79,6 +92,10 @@ class _Backend:
 
     dialect: str
     workers: int
+    # driver errors that mean "the database failed us", and the one that means "a unique
+    # index refused the row" (a concurrent request with the same idempotency key)
+    unavailable: tuple[type[BaseException], ...] = ()
+    unique_violation: type[BaseException] = Exception
 
     def transaction(self, *, write: bool) -> AbstractContextManager[Tx]:
         raise NotImplementedError
@@ -90,6 +107,8 @@ class _Backend:
 class _SQLiteBackend(_Backend):
     dialect = "sqlite"
     workers = 1  # one connection, one thread: writes serialise here instead of in busy-waits
+    unavailable = (sqlite3.Error,)
+    unique_violation = sqlite3.IntegrityError
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -137,18 +156,25 @@ class _PostgresBackend(_Backend):
 
     def __init__(self, url: str, *, pool_size: int = 10) -> None:
         try:
-            from psycopg_pool import ConnectionPool
+            import psycopg
+            from psycopg_pool import ConnectionPool, PoolTimeout
         except ImportError as exc:  # pragma: no cover - psycopg is a declared dependency
             raise RuntimeError("PostgreSQL needs psycopg[binary,pool] installed") from exc
         self.workers = pool_size
+        self.unavailable = (psycopg.Error, PoolTimeout)
+        self.unique_violation = psycopg.errors.UniqueViolation
         self._pool = ConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True},
-            open=True,
-            timeout=30,
+            kwargs={"autocommit": True, "connect_timeout": 5},
+            # a connection the server dropped (restart, pg_terminate_backend) is noticed and
+            # replaced before it is handed out, not by the request that would use it
+            check=ConnectionPool.check_connection,
+            open=False,
+            timeout=10,
         )
+        self._pool.open(wait=True, timeout=10)
 
     @contextmanager
     def _tx(self, write: bool) -> Any:
@@ -178,22 +204,32 @@ class SQLStore:
         backend: _Backend,
         *,
         tz: dt.tzinfo = dt.UTC,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self._backend = backend
         self._tz = tz
-        self._clock = clock
+        # with no clock given, the store's clock is the database's (see `now`)
+        self._clock = clock or time.time
+        self._follow_database_clock = clock is None and backend.dialect == "postgresql"
+        self._offset = 0.0
+        self._offset_checked = -_CLOCK_CHECK_SECONDS
         self._executor = ThreadPoolExecutor(
             max_workers=backend.workers, thread_name_prefix=f"store-{backend.dialect}"
         )
 
     @classmethod
     async def open(
-        cls, url: str, *, tz: dt.tzinfo = dt.UTC, clock: Callable[[], float] = time.time
+        cls, url: str, *, tz: dt.tzinfo = dt.UTC, clock: Callable[[], float] | None = None
     ) -> SQLStore:
-        backend = await asyncio.to_thread(backend_for, url)
+        try:
+            backend = await asyncio.to_thread(backend_for, url)
+        except ValueError:
+            raise
+        except Exception as exc:
+            raise StoreUnavailable(detail=f"cannot open the database: {_describe(exc)}") from exc
         store = cls(backend, tz=tz, clock=clock)
         await store._call(store._migrate)
+        await store._check_clock()
         return store
 
     @property
@@ -201,11 +237,44 @@ class SQLStore:
         return self._backend.dialect
 
     async def close(self) -> None:
-        await self._call(self._backend.close)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._backend.close)
         self._executor.shutdown(wait=True)
 
+    def now(self) -> float:
+        """The store's clock: local time plus the measured offset to the database server."""
+        return self._clock() + self._offset
+
+    async def _check_clock(self) -> None:
+        if not self._follow_database_clock:
+            return
+        if time.monotonic() - self._offset_checked < _CLOCK_CHECK_SECONDS:
+            return
+        self._offset_checked = time.monotonic()
+
+        def measure(tx: Tx) -> float:
+            before = time.time()
+            row = tx.one("SELECT EXTRACT(EPOCH FROM clock_timestamp())")
+            after = time.time()
+            assert row is not None
+            return float(row[0]) - (before + after) / 2
+
+        offset = await self._call(self._read(measure))
+        if abs(offset) > 1.0:
+            log.warning("this machine's clock is %.1f s off the database's: using that", offset)
+        self._offset = offset
+
     async def _call(self, fn: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        """Run `fn` in the store's threads; any driver error becomes StoreUnavailable."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        except (ScenemintError, KeyInUse):
+            raise
+        except self._backend.unavailable as exc:
+            log.error("database failed: %s", _describe(exc))
+            raise StoreUnavailable(detail=_describe(exc)) from exc
+        except (OSError, RuntimeError) as exc:  # a closed pool, a vanished file system
+            log.error("database failed: %s", _describe(exc))
+            raise StoreUnavailable(detail=_describe(exc)) from exc
 
     def _write(self, fn: Callable[[Tx], T]) -> Callable[[], T]:
         def run() -> T:
@@ -222,7 +291,7 @@ class SQLStore:
         return run
 
     def _today(self) -> str:
-        return dt.datetime.fromtimestamp(self._clock(), tz=self._tz).date().isoformat()
+        return dt.datetime.fromtimestamp(self.now(), tz=self._tz).date().isoformat()
 
     # -- schema --------------------------------------------------------------------
 
@@ -272,7 +341,7 @@ class SQLStore:
         return await self._call(self._read(run))
 
     async def check_in(self, fingerprint: str) -> QuotaStatus:
-        today, now = self._today(), self._clock()
+        today, now = self._today(), self.now()
 
         def run(tx: Tx) -> QuotaStatus:
             tx.run(
@@ -306,9 +375,15 @@ class SQLStore:
         return await self._call(self._write(run))
 
     async def spend(self, task: NewTask) -> Charge:
-        now = self._clock()
+        await self._check_clock()
+        now = self.now()
+        lease_until = now + task.lease_seconds if task.lease_owner else 0.0
 
         def run(tx: Tx) -> Charge:
+            if task.idempotency_key is not None:
+                existing = _by_key(tx, task.fingerprint, task.idempotency_key)
+                if existing is not None:
+                    raise KeyInUse(existing)
             row = tx.one(
                 "UPDATE accounts SET balance = balance - 1, updated_at = ?"
                 " WHERE fingerprint = ? AND balance > 0 RETURNING balance",
@@ -317,50 +392,45 @@ class SQLStore:
             )
             if row is None:
                 raise NoCredits()
-            tx.run(
-                f"INSERT INTO tasks ({_TASK_COLUMNS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, 0, NULL, NULL, NULL, ?, ?, ?, NULL, NULL, ?, ?)",
+            created = tx.one(
+                f"INSERT INTO tasks (id, fingerprint, mode, prompt, size, state, version,"
+                " refunded, lease_owner, lease_until, idempotency_key, request_hash,"
+                " reference_path, reference_name, reference_type, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                f" RETURNING {_TASK_COLUMNS}",
                 task.id,
                 task.fingerprint,
                 task.mode,
                 task.prompt,
                 task.size,
-                SUBMITTING,
+                str(task.state),
+                task.lease_owner,
+                lease_until,
+                task.idempotency_key,
+                task.request_hash,
                 task.reference_path,
                 task.reference_name,
                 task.reference_type,
                 now,
                 now,
             )
+            assert created is not None
             _journal(tx, task.fingerprint, "charge", 1, task.id, now)
-            return Charge(task_id=task.id, fingerprint=task.fingerprint, balance=int(row[0]))
+            return Charge(task=_ledger_task(created), balance=int(row[0]))
 
-        return await self._call(self._write(run))
-
-    async def fail_task(self, task_id: str, *, error: str) -> bool:
-        now = self._clock()
-
-        def run(tx: Tx) -> bool:
-            row = tx.one(
-                "UPDATE tasks SET state = 'failed', refunded = 1, error = ?, reference_path = NULL,"
-                " updated_at = ? WHERE id = ? AND refunded = 0 AND state <> 'completed'"
-                " RETURNING fingerprint",
-                error,
-                now,
-                task_id,
-            )
-            if row is None:
-                return False
-            fingerprint = row[0]
-            tx.run(
-                "UPDATE accounts SET balance = balance + 1, updated_at = ? WHERE fingerprint = ?",
-                now,
-                fingerprint,
-            )
-            _journal(tx, fingerprint, "refund", 1, task_id, now)
-            return True
-
-        return await self._call(self._write(run))
+        try:
+            return await self._call(self._write(run))
+        except StoreUnavailable as exc:
+            # two requests with one key at once: the unique index refused the second row, and
+            # its whole transaction (the charge too) rolled back
+            if task.idempotency_key is None or not isinstance(
+                exc.__cause__, self._backend.unique_violation
+            ):
+                raise
+            existing = await self.task_by_key(task.fingerprint, task.idempotency_key)
+            if existing is None:
+                raise
+            raise KeyInUse(existing) from None
 
     # -- ledger ------------------------------------------------------------------------
 
@@ -372,61 +442,166 @@ class SQLStore:
         )
         return _ledger_task(row) if row else None
 
-    async def update_task(
-        self,
-        task_id: str,
-        *,
-        state: str,
-        image_url: str | None = None,
-        revised_prompt: str | None = None,
-        upstream_created_at: str | None = None,
-        upstream_updated_at: str | None = None,
+    async def task_by_key(self, fingerprint: str, key: str) -> LedgerTask | None:
+        return await self._call(self._read(lambda tx: _by_key(tx, fingerprint, key)))
+
+    async def apply(
+        self, row: LedgerTask, decision: Decision, *, owner: str | None = None
     ) -> LedgerTask | None:
-        if state not in ("queued", "running", "completed"):
-            raise ValueError(f"cannot move a task to {state!r} with update_task")
-        now = self._clock()
+        if decision.guard is Guard.OWNER and owner is None:
+            raise ValueError("an owner's decision needs the owner")
+        await self._check_clock()
+        now = self.now()
+        failed = decision.state is State.FAILED
 
         def run(tx: Tx) -> LedgerTask | None:
-            row = tx.one(
-                "UPDATE tasks SET state = ?,"
+            guard = " AND lease_owner = ?" if decision.guard is Guard.OWNER else ""
+            guard += " AND lease_until <= ?" if decision.guard is Guard.FREE else ""
+            guard += " AND refunded = 0" if failed else ""
+            params: list[Any] = [
+                str(decision.state),
+                1 if failed else 0,
+                now if decision.hand else None,
+                decision.image_url,
+                decision.revised_prompt,
+                str(decision.error_code) if decision.error_code else None,
+                decision.error,
+                now,
+                row.id,
+                row.version,
+                row.state,
+            ]
+            if decision.guard is Guard.OWNER:
+                params.append(owner)
+            if decision.guard is Guard.FREE:
+                params.append(now)
+            written = tx.one(
+                "UPDATE tasks SET state = ?, version = version + 1,"
+                " refunded = CASE WHEN ? = 1 THEN 1 ELSE refunded END,"
+                " handed_at = COALESCE(handed_at, ?),"
                 " image_url = COALESCE(?, image_url),"
                 " revised_prompt = COALESCE(?, revised_prompt),"
-                " upstream_created_at = COALESCE(?, upstream_created_at),"
-                " upstream_updated_at = COALESCE(?, upstream_updated_at),"
-                " reference_path = CASE WHEN ? = 'completed' THEN NULL ELSE reference_path END,"
-                " updated_at = ?"
-                f" WHERE id = ? AND state IN {_UNFINISHED} RETURNING {_TASK_COLUMNS}",
-                state,
-                image_url,
-                revised_prompt,
-                upstream_created_at,
-                upstream_updated_at,
-                state,
-                now,
-                task_id,
+                " error_code = ?, error = ?,"
+                " lease_owner = NULL, lease_until = 0, updated_at = ?"
+                f" WHERE id = ? AND version = ? AND state = ? AND state IN {_UNFINISHED}{guard}"
+                f" RETURNING {_TASK_COLUMNS}",
+                *params,
             )
-            if row is None:  # finished already (or unknown): the ledger keeps what it has
-                row = tx.one(f"SELECT {_TASK_COLUMNS} FROM tasks WHERE id = ?", task_id)
-            return _ledger_task(row) if row else None
+            if written is None:
+                return None  # stale: someone else changed the row first
+            if failed:
+                fingerprint = written[1]
+                tx.run(
+                    "UPDATE accounts SET balance = balance + 1, updated_at = ?"
+                    " WHERE fingerprint = ?",
+                    now,
+                    fingerprint,
+                )
+                _journal(tx, fingerprint, "refund", 1, row.id, now)
+            return _ledger_task(written)
 
         return await self._call(self._write(run))
 
-    async def unfinished_tasks(self, *, older_than: float, limit: int) -> list[LedgerTask]:
+    async def claim(self, row: LedgerTask, *, owner: str, seconds: float) -> LedgerTask | None:
+        await self._check_clock()
+        now = self.now()
+
+        def run(tx: Tx) -> LedgerTask | None:
+            written = tx.one(
+                "UPDATE tasks SET lease_owner = ?, lease_until = ?, version = version + 1"
+                f" WHERE id = ? AND version = ? AND lease_until <= ? AND state IN {_UNFINISHED}"
+                f" RETURNING {_TASK_COLUMNS}",
+                owner,
+                now + seconds,
+                row.id,
+                row.version,
+                now,
+            )
+            return _ledger_task(written) if written else None
+
+        return await self._call(self._write(run))
+
+    async def renew(self, row: LedgerTask, *, owner: str, seconds: float) -> bool:
+        now = self.now()
+        changed = await self._call(
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE tasks SET lease_until = ? WHERE id = ? AND version = ?"
+                    " AND lease_owner = ?",
+                    now + seconds,
+                    row.id,
+                    row.version,
+                    owner,
+                )
+            )
+        )
+        return changed == 1
+
+    async def settleable(self, *, limit: int) -> list[LedgerTask]:
+        await self._check_clock()
+        now = self.now()
         rows = await self._call(
             self._read(
                 lambda tx: tx.all(
                     f"SELECT {_TASK_COLUMNS} FROM tasks"
-                    f" WHERE state IN {_UNFINISHED} AND created_at <= ?"
+                    f" WHERE state IN {_UNFINISHED} AND lease_until <= ?"
                     " ORDER BY created_at LIMIT ?",
-                    older_than,
+                    now,
                     limit,
                 )
             )
         )
         return [_ledger_task(row) for row in rows]
 
+    async def forget_keys(self, *, created_before: float) -> int:
+        """Free idempotency keys older than the time they must be kept."""
+        return await self._call(
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE tasks SET idempotency_key = NULL"
+                    " WHERE idempotency_key IS NOT NULL AND created_at < ?",
+                    created_before,
+                )
+            )
+        )
+
+    async def stale_references(self, *, limit: int) -> list[tuple[str, str]]:
+        """(task id, path) of reference images that no unfinished task needs any more."""
+        rows = await self._call(
+            self._read(
+                lambda tx: tx.all(
+                    "SELECT id, reference_path FROM tasks WHERE reference_path IS NOT NULL"
+                    f" AND state IN {_FINISHED} LIMIT ?",
+                    limit,
+                )
+            )
+        )
+        return [(str(task_id), str(path)) for task_id, path in rows]
+
+    async def reference_dropped(self, task_id: str) -> None:
+        await self._call(
+            self._write(
+                lambda tx: tx.run("UPDATE tasks SET reference_path = NULL WHERE id = ?", task_id)
+            )
+        )
+
     async def audit(self) -> AuditReport:
         return await self._call(self._read(_audit))
+
+
+def _describe(exc: BaseException) -> str:
+    """A driver error in one line (its text may hold a path or a statement, not a secret)."""
+    text = " ".join(str(exc).split())[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _by_key(tx: Tx, fingerprint: str, key: str) -> LedgerTask | None:
+    row = tx.one(
+        f"SELECT {_TASK_COLUMNS} FROM tasks WHERE fingerprint = ? AND idempotency_key = ?",
+        fingerprint,
+        key,
+    )
+    return _ledger_task(row) if row else None
 
 
 def _journal(
@@ -451,17 +626,22 @@ def _ledger_task(row: Sequence[Any]) -> LedgerTask:
         prompt=row[3],
         size=row[4],
         state=row[5],
-        refunded=bool(row[6]),
-        image_url=row[7],
-        revised_prompt=row[8],
-        error=row[9],
-        reference_path=row[10],
-        reference_name=row[11],
-        reference_type=row[12],
-        upstream_created_at=row[13],
-        upstream_updated_at=row[14],
-        created_at=float(row[15]),
-        updated_at=float(row[16]),
+        version=int(row[6]),
+        refunded=bool(row[7]),
+        lease_owner=row[8],
+        lease_until=float(row[9]),
+        handed_at=float(row[10]) if row[10] is not None else None,
+        idempotency_key=row[11],
+        request_hash=row[12],
+        image_url=row[13],
+        revised_prompt=row[14],
+        error_code=row[15],
+        error=row[16],
+        reference_path=row[17],
+        reference_name=row[18],
+        reference_type=row[19],
+        created_at=float(row[20]),
+        updated_at=float(row[21]),
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,18 +20,34 @@ log = logging.getLogger("scenemint.web")
 _JSON = "application/json"
 
 
+_OK_PREFIX = b'{"code": 0, "message": "ok", "data": '
+
+
 def ok_body(data: Any) -> bytes:
     return json.dumps({"code": 0, "message": "ok", "data": data}, ensure_ascii=False).encode()
+
+
+def ok_body_encoded(data: bytes) -> bytes:
+    """The envelope around `data` that is JSON already (the same bytes `ok_body` makes)."""
+    return _OK_PREFIX + data + b"}"
 
 
 def ok(data: Any) -> Response:
     return Response(ok_body(data), media_type=_JSON)
 
 
-def failure_body(code: str, *, accept_language: str | None = None) -> bytes:
+def failure_body(
+    code: str, *, accept_language: str | None = None, retry_after: float | None = None
+) -> bytes:
     message = message_for(code, chinese=prefers_chinese(accept_language))
-    body = {"code": -1, "message": message, "error": code}
+    body: dict[str, Any] = {"code": -1, "message": message, "error": code}
+    if retry_after is not None:
+        body["retryAfter"] = _seconds(retry_after)
     return json.dumps(body, ensure_ascii=False).encode()
+
+
+def _seconds(value: float) -> int:
+    return max(1, math.ceil(value))
 
 
 def error_parts(
@@ -38,10 +55,14 @@ def error_parts(
 ) -> tuple[int, bytes, dict[str, str] | None]:
     """Map any exception to (status, envelope, headers): ours by code and status, else 500."""
     headers: dict[str, str] | None = None
+    retry_after: float | None = None
     if isinstance(exc, ScenemintError):
         if exc.status >= 500:
             log.warning("answering %s %s: %s", exc.status, exc.code, exc.detail or "-")
         code, status = exc.code, exc.status
+        retry_after = exc.retry_after
+        if retry_after is not None:
+            headers = {"Retry-After": str(_seconds(retry_after))}
     elif isinstance(exc, RequestValidationError):
         code, status = "bad_request", 400
     elif isinstance(exc, StarletteHTTPException):
@@ -53,7 +74,8 @@ def error_parts(
     else:
         log.exception("unexpected error", exc_info=exc)
         code, status = "internal_error", 500
-    return status, failure_body(code, accept_language=accept_language), headers
+    body = failure_body(code, accept_language=accept_language, retry_after=retry_after)
+    return status, body, headers
 
 
 def error_response(exc: BaseException, accept_language: str | None) -> Response:

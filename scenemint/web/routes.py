@@ -8,10 +8,11 @@ from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import Response
 
+from ..messages import prefers_chinese
 from ..service import ImageService
 from ..validation import clean_fingerprint
 from .bodies import read_generate, read_json
-from .envelope import ok
+from .envelope import ok, ok_body_encoded
 from .streaming import ClosingStreamResponse
 
 
@@ -63,7 +64,24 @@ _ENHANCE = {
 }
 
 
-@router.post("/api/images/generate", openapi_extra=_json_body(_GENERATE, multipart=True))
+_IDEMPOTENCY_HEADER = {
+    "parameters": [
+        {
+            "name": "Idempotency-Key",
+            "in": "header",
+            "required": False,
+            "description": "Any string of 1 to 255 printable ASCII characters. The same key"
+            " with the same body returns the same task without a second charge.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        }
+    ]
+}
+
+
+@router.post(
+    "/api/images/generate",
+    openapi_extra={**_json_body(_GENERATE, multipart=True), **_IDEMPOTENCY_HEADER},
+)
 async def generate(request: Request, service: ServiceDep) -> Response:
     """Charge one credit and submit a generation (JSON) or an edit (multipart with `image`)."""
     body = await read_generate(
@@ -72,16 +90,24 @@ async def generate(request: Request, service: ServiceDep) -> Response:
         image_limit=service.settings.max_reference_bytes,
     )
     task = await service.generate(
-        prompt=body.prompt, size=body.size, fingerprint=body.fingerprint, reference=body.reference
+        prompt=body.prompt,
+        size=body.size,
+        fingerprint=body.fingerprint,
+        reference=body.reference,
+        idempotency_key=request.headers.get("idempotency-key"),
     )
-    return ok(task.to_json())
+    return ok(task.to_json(chinese=_chinese(request)))
 
 
 @router.get("/api/images/tasks/{task_id}")
-async def get_task(task_id: str, service: ServiceDep) -> Response:
+async def get_task(task_id: str, request: Request, service: ServiceDep) -> Response:
     """The task's current state; the "missing" shape for unknown ids."""
-    task = await service.get_task(task_id)
-    return ok(task.to_json())
+    data = await service.task_answer(task_id, chinese=_chinese(request))
+    return Response(ok_body_encoded(data), media_type="application/json")
+
+
+def _chinese(request: Request) -> bool:
+    return prefers_chinese(request.headers.get("accept-language"))
 
 
 # two routes, not one with methods=["GET", "HEAD"]: that one gives both operations the same

@@ -1,0 +1,178 @@
+"""The task state machine, exhaustively: every state × observation × lease × handed × age."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import pytest
+
+from scenemint.models import UpstreamTask
+from scenemint.settlement import (
+    FINISHED,
+    Abandoned,
+    Accepted,
+    Decision,
+    ErrorCode,
+    Guard,
+    Limits,
+    Missing,
+    ReferenceGone,
+    Refused,
+    Resubmit,
+    Seen,
+    State,
+    Unknown,
+    decide,
+)
+
+NOW = 1_000_000.0
+LIMITS = Limits(resubmit_window=600, task_max_age=1800)
+
+
+@dataclass(frozen=True)
+class Row:
+    state: str
+    created_at: float = NOW - 10
+    handed_at: float | None = NOW - 9
+    lease_until: float = 0.0
+
+
+def upstream(status: str, url: str | None = "http://u/x.png", error: str | None = None):
+    return UpstreamTask(id="t", status=status, mode="text", image_url=url, error=error)
+
+
+OBSERVATIONS = [
+    Accepted(upstream("queued")),
+    Accepted(upstream("running")),
+    Accepted(upstream("completed")),
+    Accepted(upstream("completed", url=None)),
+    Accepted(upstream("failed", error="nope")),
+    Refused("400"),
+    Unknown("timeout"),
+    Seen(upstream("queued")),
+    Seen(upstream("running")),
+    Seen(upstream("completed")),
+    Seen(upstream("completed", url=None)),
+    Seen(upstream("failed", error="nope")),
+    Missing(),
+    Abandoned(),
+    ReferenceGone(),
+]
+OWNER_OBSERVATIONS = (Accepted, Refused, Unknown, ReferenceGone)
+ROWS = [
+    Row(state=str(state), created_at=NOW - age, handed_at=handed, lease_until=lease)
+    for state, age, handed, lease in itertools.product(
+        State, (10, 700, 2000), (NOW - 9, None), (0.0, NOW - 1, NOW + 30)
+    )
+]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=repr)
+def test_every_step_keeps_the_money_rules(row):
+    for observation in OBSERVATIONS:
+        for hand in (False, True):
+            step = decide(row, observation, now=NOW, limits=LIMITS, hand=hand)
+            free = row.lease_until <= NOW
+            if State(row.state) in FINISHED:
+                assert step is None, "a finished task never changes"
+                continue
+            if isinstance(step, Resubmit):
+                assert row.state == State.SUBMITTING and free and row.handed_at is not None
+                assert NOW - row.created_at < LIMITS.resubmit_window
+                continue
+            if step is None:
+                continue
+            assert isinstance(step, Decision)
+            assert step.refunds == (step.state is State.FAILED)
+            if step.refunds:
+                assert step.error_code is not None, "a refund always says why"
+            if isinstance(observation, OWNER_OBSERVATIONS):
+                assert step.guard is Guard.OWNER
+            else:
+                assert step.guard is Guard.FREE and free, "others act only on a free row"
+            if step.hand:
+                assert hand
+            if (
+                row.handed_at is None
+                and not hand
+                and row.state == State.SUBMITTING
+                and step.guard is Guard.FREE
+            ):
+                assert step.error_code is ErrorCode.NOT_DELIVERED
+
+
+@pytest.mark.parametrize("state", [State.QUEUED, State.RUNNING, State.SUBMITTING])
+def test_a_task_completed_upstream_and_handed_is_never_refunded(state):
+    row = Row(state=str(state))
+    for observation in (Accepted(upstream("completed")), Seen(upstream("completed"))):
+        step = decide(row, observation, now=NOW, limits=LIMITS)
+        if isinstance(observation, Accepted) and state != State.SUBMITTING:
+            assert step is None
+            continue
+        assert isinstance(step, Decision) and step.state is State.COMPLETED
+
+
+def test_an_answer_that_never_left_is_refunded_whatever_the_upstream_says():
+    row = Row(state="submitting", handed_at=None, lease_until=NOW - 1)
+    for observation in (Seen(upstream("completed")), Seen(upstream("running")), Missing()):
+        step = decide(row, observation, now=NOW, limits=LIMITS)
+        assert isinstance(step, Decision)
+        assert step.state is State.FAILED and step.error_code is ErrorCode.NOT_DELIVERED
+    step = decide(row, Abandoned(), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.NOT_DELIVERED
+
+
+def test_a_live_lease_keeps_everyone_but_its_owner_out():
+    row = Row(state="submitting", handed_at=None, lease_until=NOW + 5)
+    for observation in (Seen(upstream("failed")), Missing(), Abandoned()):
+        assert decide(row, observation, now=NOW, limits=LIMITS) is None
+    owner = decide(row, Accepted(upstream("queued")), now=NOW, limits=LIMITS, hand=True)
+    assert isinstance(owner, Decision) and owner.state is State.QUEUED and owner.hand
+
+
+@pytest.mark.parametrize(
+    ("observation", "state", "code"),
+    [
+        (Accepted(upstream("queued")), State.QUEUED, None),
+        (Accepted(upstream("running")), State.RUNNING, None),
+        (Accepted(upstream("completed")), State.COMPLETED, None),
+        (Accepted(upstream("completed", url=None)), State.FAILED, ErrorCode.NO_IMAGE),
+        (Accepted(upstream("failed")), State.FAILED, ErrorCode.UPSTREAM),
+        (Refused("400"), State.FAILED, ErrorCode.REFUSED),
+        (Unknown("504"), State.SUBMITTING, None),
+        (ReferenceGone(), State.FAILED, ErrorCode.REFERENCE_LOST),
+    ],
+)
+def test_what_a_submission_answer_does(observation, state, code):
+    row = Row(state="submitting", handed_at=None, lease_until=NOW + 30)
+    step = decide(row, observation, now=NOW, limits=LIMITS, hand=True)
+    assert isinstance(step, Decision)
+    assert (step.state, step.error_code, step.guard) == (state, code, Guard.OWNER)
+
+
+def test_a_missing_task_is_resubmitted_while_young_then_refunded_as_lost():
+    young = Row(state="submitting", created_at=NOW - 10)
+    old = Row(state="submitting", created_at=NOW - 601)
+    assert isinstance(decide(young, Missing(), now=NOW, limits=LIMITS), Resubmit)
+    step = decide(old, Missing(), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.LOST
+
+
+def test_a_task_the_upstream_forgot_is_refunded_as_expired():
+    for state in ("queued", "running"):
+        step = decide(Row(state=state), Missing(), now=NOW, limits=LIMITS)
+        assert isinstance(step, Decision) and step.error_code is ErrorCode.EXPIRED
+
+
+def test_the_age_limit_fails_any_unfinished_free_row():
+    for state in ("submitting", "queued", "running"):
+        old = Row(state=state, created_at=NOW - 1801)
+        step = decide(old, Abandoned(), now=NOW, limits=LIMITS)
+        assert isinstance(step, Decision) and step.error_code is ErrorCode.TIMED_OUT
+        assert decide(Row(state=state), Abandoned(), now=NOW, limits=LIMITS) is None
+
+
+def test_nothing_changed_is_no_write():
+    for state in ("queued", "running"):
+        assert decide(Row(state=state), Seen(upstream(state)), now=NOW, limits=LIMITS) is None

@@ -1,0 +1,374 @@
+"""A stateful property test of the settlement core (Hypothesis `RuleBasedStateMachine`).
+
+Two instances (each its own `ImageService` and its own store connection) share one database
+(a SQLite file, or a PostgreSQL schema) and one upstream model. Rules interleave generate
+requests with every submission outcome class, crashes before and after the upstream created
+a task, clients coming back with their Idempotency-Key, polls, reconcile rounds on either
+instance, upstream progress and the clock moving past leases, the resubmit window and the
+age limit. After every step:
+
+- the audit holds (balances explained by the journal, one charge per task, failed = refunded);
+- a task whose id the client received and that the upstream completed is never refunded;
+- no idempotency key names two tasks.
+
+And `settle` (the clock past one lease, then one round) checks that a task whose id never
+reached its client, or that the upstream never created, has been refunded by then.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import tempfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    initialize,
+    invariant,
+    multiple,
+    rule,
+    run_state_machine_as_test,
+)
+
+from scenemint.errors import ScenemintError, UpstreamError
+from scenemint.models import TaskListing, UpstreamTask
+from scenemint.reconciler import Reconciler
+from scenemint.service import ImageService
+from scenemint.settlement import State
+from scenemint.store import NewTask, SQLStore
+from tests.conftest import POSTGRES_URL, SKIP_POSTGRES, make_settings
+
+LEASE = 30.0
+FINGERPRINTS = ("machine-fp-0001", "machine-fp-0002")
+OUTCOMES = ("created", "refused", "unknown_created", "unknown_lost")
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_800_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Breaker:
+    def check(self) -> None:
+        return None
+
+
+class ModelUpstream:
+    """The upstream as the machine sees it: tasks by id, and how the next submission goes."""
+
+    def __init__(self) -> None:
+        self.tasks: dict[str, str] = {}  # id -> queued | running | completed | failed
+        self.next_outcome = "created"
+        self.breaker = _Breaker()
+
+    async def submit_generation(
+        self, *, task_id: str, prompt: str, size: str, time_limit: float | None = None
+    ) -> UpstreamTask:
+        outcome = self.next_outcome
+        if outcome == "refused":
+            raise UpstreamError(detail="HTTP 400", upstream_status=400, reason="http_4xx")
+        if outcome in ("created", "unknown_created"):
+            self.tasks.setdefault(task_id, "queued")
+        if outcome.startswith("unknown"):
+            raise UpstreamError(detail="HTTP 504", ambiguous=True, reason="http_5xx")
+        return self._task(task_id)
+
+    async def list_tasks(self, ids: list[str]) -> TaskListing:
+        items = {i: self._task(i) for i in ids if i in self.tasks}
+        return TaskListing(items=items, missing=frozenset(set(ids) - set(items)))
+
+    def _task(self, task_id: str) -> UpstreamTask:
+        status = self.tasks[task_id]
+        url = "http://up/x.png" if status == "completed" else None
+        return UpstreamTask(id=task_id, status=status, mode="text", image_url=url)
+
+
+@dataclass
+class Model:
+    """What the clients know: which task ids they received, under which key."""
+
+    received: set[str] = field(default_factory=set)
+    keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (fp, key) -> prompt
+    tasks_by_key: dict[tuple[str, str], set[str]] = field(default_factory=dict)
+    completed_upstream: set[str] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A generate whose client did not get an answer (it may come back with its key)."""
+
+    fingerprint: str
+    key: str
+    prompt: str
+
+
+class SettlementMachine(RuleBasedStateMachine):
+    database_url: str = ""
+
+    pending = Bundle("pending")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = Clock()
+        self.upstream = ModelUpstream()
+        self.model = Model()
+        self.tmp = Path(tempfile.mkdtemp(prefix="machine-"))
+        self.counter = itertools.count()
+        self.instances: list[tuple[ImageService, Reconciler]] = []
+
+    def run(self, coro):
+        return self.loop.run_until_complete(coro)
+
+    @initialize()
+    def start(self) -> None:
+        settings = make_settings(
+            self.tmp,
+            None,
+            upstream_base_url="http://upstream.invalid",
+            upstream_api_key="k",
+            database_url=self.database_url or f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
+            submit_attempts=1,
+            lease_seconds=LEASE,
+        )
+        for _ in range(2):
+            store = self.run(SQLStore.open(settings.resolved_database_url(), clock=self.clock))
+            service = ImageService(settings=settings, store=store, upstream=self.upstream)
+            self.instances.append((service, Reconciler(service)))
+        for fingerprint in FINGERPRINTS:
+            self.run(self.instances[0][0].store.check_in(fingerprint))
+
+    def teardown(self) -> None:
+        for service, reconciler in self.instances:
+            self.run(reconciler.stop())
+            self.run(service.store.close())
+        self.loop.close()
+
+    # -- generate --------------------------------------------------------------------------
+
+    def _key(self, fingerprint: str) -> tuple[str, str]:
+        key = f"key-{next(self.counter)}"
+        prompt = f"prompt {key}"
+        self.model.keys[(fingerprint, key)] = prompt
+        return key, prompt
+
+    @rule(
+        who=st.integers(0, 1), fp=st.sampled_from(FINGERPRINTS), outcome=st.sampled_from(OUTCOMES)
+    )
+    def generate(self, who: int, fp: str, outcome: str) -> None:
+        service = self.instances[who][0]
+        key, prompt = self._key(fp)
+        self.upstream.next_outcome = outcome
+        try:
+            task = self.run(
+                service.generate(prompt=prompt, size="1:1", fingerprint=fp, idempotency_key=key)
+            )
+        except ScenemintError:
+            return  # no credits, or refused: the client got an error and no task id
+        self.model.received.add(task.id)
+        self.model.tasks_by_key.setdefault((fp, key), set()).add(task.id)
+
+    @rule(
+        target=pending,
+        who=st.integers(0, 1),
+        fp=st.sampled_from(FINGERPRINTS),
+        upstream_got_it=st.booleans(),
+    )
+    def crash_mid_submission(self, who: int, fp: str, upstream_got_it: bool):
+        """Charged and leased, then the process died: before the upstream got the task, or
+        after it created it but before the answer left."""
+        service = self.instances[who][0]
+        key, prompt = self._key(fp)
+        task_id = str(uuid.uuid4())
+        try:
+            self.run(
+                service.store.spend(
+                    NewTask(
+                        id=task_id,
+                        fingerprint=fp,
+                        mode="text",
+                        prompt=prompt,
+                        size="1:1",
+                        lease_owner=service.owner,
+                        lease_seconds=LEASE,
+                        idempotency_key=key,
+                        request_hash=_hash(prompt),
+                    )
+                )
+            )
+        except ScenemintError:
+            return multiple()
+        self.model.tasks_by_key.setdefault((fp, key), set()).add(task_id)
+        if upstream_got_it:
+            self.upstream.tasks[task_id] = "queued"
+        return Pending(fingerprint=fp, key=key, prompt=prompt)
+
+    @rule(who=st.integers(0, 1), request=consumes(pending), outcome=st.sampled_from(OUTCOMES))
+    def client_comes_back(self, who: int, request: Pending, outcome: str) -> None:
+        """The client of a crashed request sends it again with the same key."""
+        service = self.instances[who][0]
+        self.upstream.next_outcome = outcome
+        try:
+            task = self.run(
+                service.generate(
+                    prompt=request.prompt,
+                    size="1:1",
+                    fingerprint=request.fingerprint,
+                    idempotency_key=request.key,
+                )
+            )
+        except ScenemintError:
+            return  # 409 in progress (the dead request's lease runs), or refused
+        if task.status != "failed":
+            self.model.received.add(task.id)
+        self.model.tasks_by_key.setdefault((request.fingerprint, request.key), set()).add(task.id)
+
+    # -- the world moves ---------------------------------------------------------------------
+
+    @rule(who=st.integers(0, 1), pick=st.integers(0, 10_000))
+    def poll(self, who: int, pick: int) -> None:
+        ids = self._ids()
+        if ids:
+            service = self.instances[who][0]
+            self.run(service.get_task(ids[pick % len(ids)]))
+
+    @rule(who=st.integers(0, 1))
+    def reconcile(self, who: int) -> None:
+        reconciler = self.instances[who][1]
+        self.run(reconciler.run_once())
+        self.run(reconciler.wait_resubmissions())
+
+    @rule(pick=st.integers(0, 10_000), status=st.sampled_from(["running", "completed", "failed"]))
+    def upstream_progress(self, pick: int, status: str) -> None:
+        unfinished = [
+            i for i, s in sorted(self.upstream.tasks.items()) if s in ("queued", "running")
+        ]
+        if unfinished:
+            task_id = unfinished[pick % len(unfinished)]
+            self.upstream.tasks[task_id] = status
+            if status == "completed":
+                self.model.completed_upstream.add(task_id)
+
+    @rule(pick=st.integers(0, 10_000))
+    def upstream_forgets(self, pick: int) -> None:
+        unfinished = [
+            i for i, s in sorted(self.upstream.tasks.items()) if s in ("queued", "running")
+        ]
+        if unfinished:
+            del self.upstream.tasks[unfinished[pick % len(unfinished)]]
+
+    @rule(seconds=st.sampled_from([1.0, LEASE + 1, 700.0, 2000.0]))
+    def time_passes(self, seconds: float) -> None:
+        self.clock.now += seconds
+
+    @rule(who=st.integers(0, 1))
+    def settle(self, who: int) -> None:
+        """One lease period and one round later, nothing unanswered stays charged."""
+        self.upstream.next_outcome = "created"
+        self.clock.now += LEASE + 1
+        self.reconcile(who)
+        for row in self._rows():
+            if row.id not in self.model.received:
+                assert row.state == State.FAILED and row.refunded, row
+            elif row.id not in self.upstream.tasks:
+                assert row.refunded or row.state == State.COMPLETED, row
+
+    # -- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def books_balance(self) -> None:
+        if not self.instances:
+            return
+        report = self.run(self.instances[0][0].store.audit())
+        assert report.ok, report.violations
+
+    @invariant()
+    def a_received_task_completed_upstream_is_never_refunded(self) -> None:
+        for row in self._rows():
+            if row.id in self.model.received and row.id in self.model.completed_upstream:
+                assert not row.refunded, row
+
+    @invariant()
+    def no_key_names_two_tasks(self) -> None:
+        for ids in self.model.tasks_by_key.values():
+            assert len(ids) <= 1, ids
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _rows(self):
+        if not self.instances:
+            return []
+        store = self.instances[0][0].store
+        return [self.run(store.get_task(task_id)) for task_id in self._ids()]
+
+    def _unfinished_upstream(self) -> list[str]:
+        return [i for i, s in sorted(self.upstream.tasks.items()) if s in ("queued", "running")]
+
+    def _ids(self) -> list[str]:
+        return sorted({i for ids in self.model.tasks_by_key.values() for i in ids})
+
+
+def _hash(prompt: str) -> str:
+    from scenemint.service import _request_hash
+
+    return _request_hash(mode="text", prompt=prompt, size="1:1", reference=None)
+
+
+# a fixed budget in CI (a three-step bug is found in about a hundred examples); more by hand:
+# SCENEMINT_MACHINE_EXAMPLES=2000 pytest tests/test_settlement_machine.py
+EXAMPLES = int(os.environ.get("SCENEMINT_MACHINE_EXAMPLES", "150"))
+MACHINE_SETTINGS = settings(
+    max_examples=EXAMPLES,
+    stateful_step_count=30,
+    deadline=None,
+    database=None,  # every run explores afresh; a failure prints its steps
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_settlement_on_sqlite() -> None:
+    SettlementMachine.database_url = ""
+    run_state_machine_as_test(SettlementMachine, settings=MACHINE_SETTINGS)
+
+
+def test_settlement_on_postgresql() -> None:
+    if not POSTGRES_URL:
+        pytest.skip(SKIP_POSTGRES)
+    import psycopg
+
+    schema = f"m_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    separator = "&" if "?" in POSTGRES_URL else "?"
+    from urllib.parse import quote
+
+    base = f"{POSTGRES_URL}{separator}options={quote(f'-csearch_path={schema}')}"
+    try:
+
+        class OnPostgres(SettlementMachine):
+            def __init__(self) -> None:
+                super().__init__()
+                with psycopg.connect(base, autocommit=True) as conn:
+                    conn.execute(
+                        "DROP TABLE IF EXISTS journal, tasks, accounts, schema_migrations CASCADE"
+                    )
+                    conn.execute("DROP FUNCTION IF EXISTS journal_append_only() CASCADE")
+
+        OnPostgres.database_url = base
+        on_postgres = settings(MACHINE_SETTINGS, max_examples=max(EXAMPLES // 3, 10))
+        run_state_machine_as_test(OnPostgres, settings=on_postgres)
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
