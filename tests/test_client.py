@@ -131,6 +131,47 @@ def test_generate_charges_one_credit_and_returns_the_task(client, service, upstr
     assert balance(service) == 9
 
 
+def test_generate_sends_an_idempotency_key_of_its_own(client, service, upstream):
+    check_in(service)
+    first, second = client.generate("one"), client.generate("two")
+    keys = [
+        service.run(service.service.store.get_task(t.id)).idempotency_key for t in (first, second)
+    ]
+    assert all(key and key.startswith("scenemint-client-") for key in keys)
+    assert keys[0] != keys[1]
+    assert (
+        client.generate("three", idempotency_key="mine-1").id
+        == client.generate("three", idempotency_key="mine-1").id
+    )
+    assert balance(service) == 7
+
+
+def test_an_answer_lost_to_a_timeout_is_asked_again_with_the_same_key(
+    make_client, service, upstream
+):
+    """The client gives up waiting, the server goes on: asking again with the key gets the
+    same task, and the credit is taken once (issue 9, defect 6)."""
+    check_in(service)
+    upstream.delay("/api/image-tasks/generations", 1.2, times=1)
+    client = make_client(fingerprint=FINGERPRINT, generate_timeout=0.4)
+    task = client.generate("a slow one")
+    assert task.remaining_credits == 9
+    assert {
+        r.json["client_task_id"] for r in upstream.recorded("/api/image-tasks/generations")
+    } == {task.id}
+    assert balance(service) == 9
+
+
+def test_the_client_waits_longer_for_a_generate_than_the_server_may_take():
+    from scenemint.config import Settings
+
+    client = Client("http://127.0.0.1:1")
+    try:
+        assert client.generate_timeout > Settings(_env_file=None).submit_timeout + 10
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("kind", ["path", "bytes", "file"])
 def test_generate_with_a_reference_submits_an_edit(client, service, upstream, tmp_path, kind):
     """The reference image can be a path, the bytes, or a binary file object."""

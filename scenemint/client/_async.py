@@ -14,18 +14,22 @@ import httpx
 
 from ._base import (
     DEFAULT_SERVER,
+    GENERATE_TIMEOUT,
     BaseClient,
     Call,
     DeltaReader,
+    GenerateRetries,
     ImageFile,
     OnUpdate,
     Polling,
     Quota,
     Reference,
     Task,
+    new_idempotency_key,
     read_reference,
     transport_errors,
 )
+from ._errors import ClientError
 
 
 class AsyncClient(BaseClient):
@@ -45,8 +49,15 @@ class AsyncClient(BaseClient):
         fingerprint: str | None = None,
         config_dir: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
+        generate_timeout: float = GENERATE_TIMEOUT,
     ) -> None:
-        super().__init__(server, fingerprint=fingerprint, config_dir=config_dir, timeout=timeout)
+        super().__init__(
+            server,
+            fingerprint=fingerprint,
+            config_dir=config_dir,
+            timeout=timeout,
+            generate_timeout=generate_timeout,
+        )
         self._http = httpx.AsyncClient(**self._http_options())
 
     async def aclose(self) -> None:
@@ -77,13 +88,28 @@ class AsyncClient(BaseClient):
         return Quota.from_json(await self._send(self._check_in_call()))
 
     async def generate(
-        self, prompt: str, *, size: str = "1:1", reference: Reference | None = None
+        self,
+        prompt: str,
+        *,
+        size: str = "1:1",
+        reference: Reference | None = None,
+        idempotency_key: str | None = None,
     ) -> Task:
-        """Spend one credit and submit a generation (an edit when `reference` is given)."""
+        """Spend one credit and submit a generation (an edit when `reference` is given).
+
+        Sent with an Idempotency-Key (a fresh one unless given) and retried with it when the
+        answer is lost: however often it is sent, it is one task and one credit.
+        """
         # reading a file may block: off the event loop
         part = await asyncio.to_thread(read_reference, reference) if reference is not None else None
-        call = self._generate_call(prompt, size=size, reference=part)
-        return Task.from_json(await self._send(call))
+        key = idempotency_key or new_idempotency_key()
+        call = self._generate_call(prompt, size=size, reference=part, key=key)
+        retries = GenerateRetries()
+        while True:
+            try:
+                return Task.from_json(await self._send(call))
+            except ClientError as error:
+                await asyncio.sleep(retries.pause(error))
 
     async def task(self, task_id: str) -> Task:
         """The task's current state (a failed "task not found or expired" for unknown ids)."""

@@ -37,6 +37,10 @@ from ._errors import (
 )
 
 DEFAULT_SERVER = "http://127.0.0.1:3000"
+# A generate answers within the server's submit timeout (60 s by default) plus a margin:
+# wait longer than that before calling it lost, then ask again with the same key.
+GENERATE_TIMEOUT = 90.0
+GENERATE_ATTEMPTS = 5
 CONFIG_DIR_ENV = "SCENEMINT_CONFIG_DIR"
 FINGERPRINT_FILE = "fingerprint"
 SIZES = ("1:1", "16:9", "9:16")
@@ -242,6 +246,8 @@ class Call:
     json: dict[str, Any] | None = None
     data: dict[str, str] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
+    headers: dict[str, str] | None = None
+    timeout: float | None = None  # this call's own, else the client's
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,9 +331,11 @@ class BaseClient:
         fingerprint: str | None = None,
         config_dir: str | os.PathLike[str] | None = None,
         timeout: float = 30.0,
+        generate_timeout: float = GENERATE_TIMEOUT,
     ) -> None:
         self.server = normalize_server(server)
         self.timeout = timeout
+        self.generate_timeout = generate_timeout
         self._fingerprint = fingerprint
         self._config_dir = config_dir
 
@@ -351,12 +359,19 @@ class BaseClient:
     def _check_in_call(self) -> Call:
         return Call("POST", "/api/quota/check-in", json={"fingerprint": self.fingerprint})
 
-    def _generate_call(self, prompt: str, *, size: str, reference: ReferencePart | None) -> Call:
+    def _generate_call(
+        self, prompt: str, *, size: str, reference: ReferencePart | None, key: str
+    ) -> Call:
         fields = {"prompt": prompt, "size": check_size(size), "fingerprint": self.fingerprint}
+        headers = {"Idempotency-Key": key}
+        timeout = max(self.timeout, self.generate_timeout)
+        path = "/api/images/generate"
         if reference is None:
-            return Call("POST", "/api/images/generate", json=fields)
+            return Call("POST", path, json=fields, headers=headers, timeout=timeout)
         part = (reference.filename, reference.data, reference.content_type)
-        return Call("POST", "/api/images/generate", data=fields, files={"image": part})
+        return Call(
+            "POST", path, data=fields, files={"image": part}, headers=headers, timeout=timeout
+        )
 
     def _task_call(self, task_id: str) -> Call:
         return Call("GET", f"/api/images/tasks/{_segment(task_id)}")
@@ -370,6 +385,10 @@ class BaseClient:
     def _request_options(self, call: Call) -> dict[str, Any]:
         """Keyword arguments for httpx's `request()` / `stream()`."""
         options: dict[str, Any] = {"method": call.method, "url": call.path}
+        if call.headers is not None:
+            options["headers"] = call.headers
+        if call.timeout is not None:
+            options["timeout"] = httpx.Timeout(call.timeout)
         if call.json is not None:
             options["json"] = call.json
         if call.data is not None:
@@ -393,7 +412,9 @@ def _segment(task_id: str) -> str:
 # --------------------------------------------------------------------------- answers
 
 
-def error_for(status: int | None, code: str, message: str) -> ClientError:
+def error_for(
+    status: int | None, code: str, message: str, *, retry_after: float | None = None
+) -> ClientError:
     """The exception for an error answer: the class by HTTP status (and the no-credits code)."""
     kind: type[ClientError]
     if code == "no_credits" or status == 402:
@@ -406,7 +427,7 @@ def error_for(status: int | None, code: str, message: str) -> ClientError:
         kind = ServerError
     else:
         kind = ClientError
-    return kind(message, code=code, status=status)
+    return kind(message, code=code, status=status, retry_after=retry_after)
 
 
 def failure(status: int, content: bytes, *, server: str) -> ClientError:
@@ -415,7 +436,9 @@ def failure(status: int, content: bytes, *, server: str) -> ClientError:
     if envelope is not None and isinstance(envelope.get("error"), str):
         message = envelope.get("message")
         text = message if isinstance(message, str) and message else envelope["error"]
-        return error_for(status, envelope["error"], " ".join(text.split()))
+        wait = envelope.get("retryAfter")
+        retry_after = float(wait) if _is_int(wait) and 0 < wait <= 3600 else None
+        return error_for(status, envelope["error"], " ".join(text.split()), retry_after=retry_after)
     if 200 <= status < 300:
         return ServerError(
             f"{server} did not answer like a SceneMint server", code="bad_answer", status=status
@@ -462,6 +485,40 @@ def transport_errors(server: str) -> Iterator[None]:
             f"lost the connection to the SceneMint server at {server} ({type(exc).__name__})",
             code="connection_lost",
         ) from exc
+
+
+# --------------------------------------------------------------------------- generate retries
+
+
+def new_idempotency_key() -> str:
+    """A fresh Idempotency-Key: one per generate, reused by its retries."""
+    return "scenemint-client-" + secrets.token_urlsafe(18)
+
+
+# what a retry with the same Idempotency-Key can fix: the answer was lost (a timeout, a
+# broken connection), the first request is still being worked on, the database hiccupped
+_RETRIED_CODES = frozenset({"timeout", "connection_lost", "idempotency_in_progress"})
+_RETRIED_SERVER_CODES = frozenset({"store_unavailable", "http_502", "http_503", "http_504"})
+
+
+class GenerateRetries:
+    """The bookkeeping of a generate retried with its Idempotency-Key: safe, because the
+    server answers a repeated key with the first request's task and never charges twice."""
+
+    def __init__(self, *, attempts: int = GENERATE_ATTEMPTS) -> None:
+        self.attempts = attempts
+        self.attempt = 1
+
+    def pause(self, error: ClientError) -> float:
+        """Seconds to wait before the next attempt; re-raises `error` when it is not worth it."""
+        retried = error.code in _RETRIED_CODES or (
+            isinstance(error, ServerError) and error.code in _RETRIED_SERVER_CODES
+        )
+        if not retried or self.attempt >= self.attempts:
+            raise error
+        self.attempt += 1
+        backoff = 0.5 * 2 ** (self.attempt - 2)
+        return min(error.retry_after or backoff, 30.0)
 
 
 # --------------------------------------------------------------------------- enhance stream

@@ -19,11 +19,19 @@ from __future__ import annotations
 class ClientError(Exception):
     """A request failed. `message` is meant for people; `code` for programs."""
 
-    def __init__(self, message: str, *, code: str, status: int | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.status = status
+        self.retry_after = retry_after  # seconds the server asked us to wait, if it did
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r}, code={self.code!r}, status={self.status})"
