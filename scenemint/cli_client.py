@@ -167,7 +167,9 @@ def generate(
         )
         if final.status == "failed":
             if as_json:
-                typer.echo(_json(final.to_json()))
+                # the credit came back since the submission answer: say what it is now
+                balance = client.quota().balance
+                typer.echo(_json({**final.to_json(), "remainingCredits": balance}))
             raise ClientError(
                 f"the generation failed: {final.error or 'no reason given'}"
                 " (the credit was given back)",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -83,11 +84,36 @@ class Settings(BaseSettings):
         validation_alias=_env("SCENEMINT_SUBMIT_ATTEMPTS"),
         description="most attempts of one submission, all within the submit timeout",
     )
-    breaker_threshold: int = Field(
-        5,
+    image_deadline: float = Field(
+        120.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_IMAGE_DEADLINE"),
+        description="the longest a whole image download may take, however it drips",
+    )
+    stream_deadline: float = Field(
+        300.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_STREAM_DEADLINE"),
+        description="the longest a whole enhancement stream may last",
+    )
+    breaker_failure_rate: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        validation_alias=_env("SCENEMINT_BREAKER_FAILURE_RATE"),
+        description="share of failed calls in the window that opens an operation's breaker",
+    )
+    breaker_min_calls: int = Field(
+        20,
         ge=1,
-        validation_alias=_env("SCENEMINT_BREAKER_THRESHOLD"),
-        description="consecutive upstream failures that open the circuit breaker",
+        validation_alias=_env("SCENEMINT_BREAKER_MIN_CALLS"),
+        description="fewest calls in the window before a breaker may open",
+    )
+    breaker_window: float = Field(
+        30.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_BREAKER_WINDOW"),
+        description="seconds of calls a breaker judges the failure rate over",
     )
     breaker_cooldown: float = Field(10.0, ge=0, validation_alias=_env("SCENEMINT_BREAKER_COOLDOWN"))
     upstream_pool_size: int = Field(
@@ -95,6 +121,32 @@ class Settings(BaseSettings):
         ge=1,
         validation_alias=_env("SCENEMINT_UPSTREAM_POOL_SIZE"),
         description="most upstream connections at once; each open enhancement stream holds one",
+    )
+
+    # -- client connections ----------------------------------------------------------
+    header_timeout: float = Field(
+        10.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_HEADER_TIMEOUT"),
+        description="a request's head must arrive within this many seconds",
+    )
+    body_min_rate: int = Field(
+        1024,
+        ge=1,
+        validation_alias=_env("SCENEMINT_BODY_MIN_RATE"),
+        description="bytes per second a request body must keep up, after the header timeout",
+    )
+    keep_alive_timeout: float = Field(
+        5.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_KEEP_ALIVE_TIMEOUT"),
+        description="an idle keep-alive connection is closed after this many seconds",
+    )
+    max_connections: int = Field(
+        8192,
+        ge=1,
+        validation_alias=_env("SCENEMINT_MAX_CONNECTIONS"),
+        description="most open client connections per process; past it, 503",
     )
 
     # -- polling and reconciliation ------------------------------------------------
@@ -169,7 +221,9 @@ class Settings(BaseSettings):
     @classmethod
     def _split_hosts(cls, value: object) -> object:
         if isinstance(value, str):
-            return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list):
+            return [_image_origin(part) if isinstance(part, str) else part for part in value]
         return value
 
     @field_validator("quota_timezone")
@@ -204,6 +258,30 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'scenemint.sqlite3').as_posix()}"
+
+
+def _image_origin(value: str) -> str:
+    """An origin of SCENEMINT_IMAGE_HOSTS: `scheme://host[:port]`, nothing less or more.
+
+    A host without a scheme was dropped silently before, and a path widened the allowance
+    to the whole origin: both are refused at start-up now.
+    """
+    text = value.strip().rstrip("/")
+    parts = urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError as exc:
+        raise ValueError(f"SCENEMINT_IMAGE_HOSTS: {value!r} has an invalid port") from exc
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"SCENEMINT_IMAGE_HOSTS: {value!r} is not an origin like https://cdn.example.com"
+        )
+    if parts.path or parts.query or parts.fragment or parts.username or parts.password:
+        raise ValueError(
+            f"SCENEMINT_IMAGE_HOSTS: {value!r} must be an origin (scheme://host[:port]) without"
+            " a path: the whole origin is allowed"
+        )
+    return text
 
 
 def upstream_root(base_url: str | None) -> str | None:

@@ -11,6 +11,7 @@
     │   └── UpstreamUnavailable     upstream_unavailable 503  (wrong key, circuit open)
     ├── NotConfigured               upstream_not_configured 503
     ├── StoreUnavailable            store_unavailable 503  (the database failed; Retry-After)
+    ├── StoreRejected               store_rejected  400  (the database refused the data itself)
     └── NotReady                    not_ready       503  (readiness: the database is down)
 
 `code` is the machine code clients see in the envelope's `error` field; the
@@ -114,6 +115,14 @@ class StoreUnavailable(ScenemintError):
     code = "store_unavailable"
     status = 503
     retry_after = 2.0
+
+
+class StoreRejected(ScenemintError):
+    """The database refused the data of a request (input validation should have caught it:
+    nothing was written)."""
+
+    code = "store_rejected"
+    status = 400
 
 
 class NotReady(ScenemintError):

@@ -57,6 +57,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The service cannot reach its database. Please try again in a moment.",
         "服务暂时无法访问数据库，请稍后重试。",
     ),
+    "store_rejected": (
+        "The request holds data the service cannot store.",
+        "请求包含服务无法保存的数据。",
+    ),
     "invalid_idempotency_key": (
         "The Idempotency-Key header must be 1 to 255 printable ASCII characters.",
         "Idempotency-Key 请求头必须是 1 到 255 个可打印的 ASCII 字符。",
@@ -68,6 +72,41 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "idempotency_in_progress": (
         "A request with this Idempotency-Key is still being processed. Try again shortly.",
         "使用该 Idempotency-Key 的请求仍在处理中，请稍后重试。",
+    ),
+    "invalid_text": (
+        "The text contains characters that are not allowed (NUL or unpaired surrogates).",
+        "文本包含不允许的字符（NUL 或不成对的代理字符）。",
+    ),
+    "json_too_deep": ("The JSON body is nested too deeply.", "JSON 请求体嵌套层数过多。"),
+    "path_too_long": ("The request path is too long.", "请求路径过长。"),
+    "too_many_connections": (
+        "The server is busy. Please try again shortly.",
+        "服务器繁忙，请稍后重试。",
+    ),
+    # prompt enhancement: its own words, never "the image service failed"
+    "enhance_failed": (
+        "The prompt enhancement failed. Please try again.",
+        "提示词优化失败，请稍后重试。",
+    ),
+    "enhance_timeout": (
+        "The prompt enhancement did not answer in time. Please try again.",
+        "提示词优化响应超时，请稍后重试。",
+    ),
+    "enhance_unavailable": (
+        "Prompt enhancement is unavailable right now.",
+        "提示词优化暂不可用。",
+    ),
+    "enhance_interrupted": (
+        "The prompt enhancement stream was interrupted.",
+        "提示词优化的输出被中断。",
+    ),
+    "enhance_too_long": (
+        "The prompt enhancement took too long and was stopped.",
+        "提示词优化耗时过长，已停止。",
+    ),
+    "server_restarting": (
+        "The server is restarting. Please try again.",
+        "服务器正在重启，请稍后重试。",
     ),
     # why a task failed (the `error` of a failed task; its credit was given back)
     "task_expired": ("task not found or expired", "任务不存在或已过期"),

@@ -33,6 +33,12 @@ class References:
             return None
         return await asyncio.to_thread(_read_or_none, Path(path))
 
+    async def probe(self) -> None:
+        """Raise OSError unless a file can be written (and removed) in the directory."""
+        probe = self.directory / ".probe"
+        await asyncio.to_thread(write_atomically, probe, b"ok")
+        await asyncio.to_thread(probe.unlink, missing_ok=True)
+
     async def drop(self, path: str | Path | None) -> None:
         """Remove a reference file; raises OSError when it cannot (the caller retries later)."""
         if path:

@@ -70,7 +70,13 @@ from .settlement import (
 )
 from .store import KeyInUse, LedgerTask, NewTask, Store
 from .upstream import ImageResponse, UpstreamClient
-from .validation import Reference, clean_fingerprint, clean_idempotency_key, clean_prompt
+from .validation import (
+    Reference,
+    clean_fingerprint,
+    clean_idempotency_key,
+    clean_prompt,
+    sniff_image_type,
+)
 
 log = logging.getLogger("scenemint.service")
 
@@ -135,6 +141,8 @@ class ImageService:
         )
         self._computing: dict[str, asyncio.Future[Answer]] = {}
         self._ready_at = -_READY_CACHE_SECONDS
+        self._chat_checked_at = -_READY_CACHE_SECONDS
+        self._chat = "unknown"
 
     # -- generate --------------------------------------------------------------------
 
@@ -163,7 +171,7 @@ class ImageService:
             existing = await self.store.task_by_key(owner, key)
             if existing is not None:
                 return await self._replay(existing, request_hash=request_hash)
-        upstream.breaker.check()  # fail fast before taking a credit
+        upstream.check_submit()  # fail fast before taking a credit
         task_id = new_task_id()
         ref_path = await self._save_reference(task_id, reference) if reference else None
         try:
@@ -320,8 +328,8 @@ class ImageService:
     async def resubmit(self, row: LedgerTask) -> LedgerTask | None:
         """Send a claimed row again (the reconciler's): same id, so the upstream keeps one task.
 
-        A retryable refusal (a full upstream, a refused connection) keeps the charge for the
-        next round; only a definite refusal refunds.
+        A retryable refusal (a full upstream, a refused connection, our open breaker) keeps
+        the charge for the next round; only a definite refusal refunds.
         """
         reference = await self._load_reference(row)
         if row.mode == "image" and reference is None:
@@ -329,7 +337,8 @@ class ImageService:
         async with self.lease(row):
             result = await self.submit(row, reference=reference)
         observation = result.observation
-        if isinstance(observation, Refused) and result.error and result.error.retryable:
+        error = result.error
+        if isinstance(observation, Refused) and error and (error.retryable or _held_back(error)):
             observation = Unknown(observation.detail)
         return await self._observe(row, observation)
 
@@ -484,7 +493,9 @@ class ImageService:
     async def open_image(self, task_id: str) -> ImageDownload:
         """Open the first image of a completed task upstream; NotFound when there is none.
 
-        The caller iterates `chunks` and must `aclose()` the download on every path.
+        Only an `image/*` answer whose first bytes are PNG, JPEG, WebP or GIF is served
+        (otherwise 502), within `SCENEMINT_IMAGE_DEADLINE` in all. The caller iterates
+        `chunks` and must `aclose()` the download on every path.
         """
         if not is_task_id(task_id):
             raise NotFound("image_not_ready")
@@ -495,27 +506,43 @@ class ImageService:
         if not row.image_url.startswith(("http://", "https://")):
             raise NotFound("image_not_ready", detail="image URL is not absolute http(s)")
         upstream = self._require_upstream()
+        deadline = asyncio.get_running_loop().time() + self.settings.image_deadline
         stack = AsyncExitStack()
         try:
-            response = await stack.enter_async_context(upstream.open_image(row.image_url))
+            response = await stack.enter_async_context(
+                upstream.open_image(row.image_url, deadline=deadline)
+            )
+            limit = self.settings.max_image_bytes
+            if response.content_length is not None and response.content_length > limit:
+                # known before answering: a clear 502, not a 200 cut off after its headers
+                raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
+            declared = (response.content_type or "").split(";")[0].strip().lower()
+            head = await _read_at_least(response.chunks, 16)
+            kind = sniff_image_type(head)
+            if not declared.startswith("image/") or kind is None:
+                raise UpstreamError(
+                    detail=f"image of {task_id} is not an allowed image ({declared or 'no type'})",
+                    reason="not_image",
+                )
         except BaseException:
             await stack.aclose()
             raise
-        limit = self.settings.max_image_bytes
-        if response.content_length is not None and response.content_length > limit:
-            # known before answering: a clear 502, not a 200 that is cut off after its headers
-            await stack.aclose()
-            raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
         return ImageDownload(
-            content_type=_safe_image_type(response.content_type),
+            content_type=kind,
             content_length=response.content_length,
             etag=f'"{task_id}"',
-            chunks=self._capped(response, task_id),
+            chunks=self._capped(head, response, task_id),
             aclose=stack.aclose,
         )
 
-    async def _capped(self, response: ImageResponse, task_id: str) -> AsyncIterator[bytes]:
-        limit, sent = self.settings.max_image_bytes, 0
+    async def _capped(
+        self, head: bytes, response: ImageResponse, task_id: str
+    ) -> AsyncIterator[bytes]:
+        limit, sent = self.settings.max_image_bytes, len(head)
+        if sent > limit:
+            raise UpstreamError(detail=f"image of {task_id} exceeds {limit} bytes")
+        if head:
+            yield head
         async for chunk in response.chunks:
             sent += len(chunk)
             if sent > limit:
@@ -524,8 +551,14 @@ class ImageService:
 
     # -- prompt enhancement --------------------------------------------------------------
 
-    async def enhance(self, *, prompt: object, direction: object) -> EnhancementStream:
-        """Open the upstream chat stream; errors raise here, before anything is streamed."""
+    async def enhance(
+        self, *, prompt: object, direction: object, chinese: bool = False
+    ) -> EnhancementStream:
+        """Open the upstream chat stream; errors raise here, before anything is streamed.
+
+        Its failures have their own codes (`enhance_failed`, `enhance_timeout`,
+        `enhance_unavailable`): an enhancement that fails never says the image service did.
+        """
         clean = clean_prompt(prompt, max_chars=self.settings.max_prompt_chars)
         if not isinstance(direction, str) or direction.strip() not in DIRECTIONS:
             raise BadRequest("invalid_direction")
@@ -535,40 +568,65 @@ class ImageService:
         body = chat_request(
             model=self.settings.prompt_model.strip(), prompt=clean, direction=direction.strip()
         )
+        deadline = asyncio.get_running_loop().time() + self.settings.stream_deadline
         stack = AsyncExitStack()
         try:
-            lines = await stack.enter_async_context(upstream.open_chat_stream(body))
+            events = await stack.enter_async_context(upstream.open_chat_stream(body))
+        except UpstreamError as exc:
+            await stack.aclose()
+            raise _as_enhancement_error(exc) from exc
         except BaseException:
             await stack.aclose()
             raise
         return EnhancementStream(
             stack,
-            lines,
+            events,
             ping_interval=self.settings.stream_ping_interval,
+            deadline=deadline,
+            chinese=chinese,
             shutting_down=self.shutting_down,
         )
 
     # -- operations ---------------------------------------------------------------------------
 
-    async def ready(self) -> None:
-        """Raise NotReady (503) unless the database answers and the upstream accepts our key.
+    async def ready(self) -> dict[str, str]:
+        """Raise NotReady (503) unless the service can do its work: the database accepts a
+        write, the data directory accepts a file, and the upstream answers a task listing
+        with our key. Chat availability is reported, not required.
 
-        A success is cached for 5 s, a failure is not. Why it failed goes to the log.
+        Probes never count toward a circuit breaker. Results are cached for 5 s.
         """
         try:
-            await self.store.ping()
+            await self.store.probe_write()
         except ScenemintError as exc:
-            log.error("not ready: database not reachable: %s", exc.detail)
-            raise NotReady(detail="database not reachable") from exc
-        now = asyncio.get_running_loop().time()
-        if now - self._ready_at < _READY_CACHE_SECONDS:
-            return
+            log.error("not ready: the database does not accept a write: %s", exc.detail)
+            raise NotReady(detail="database not writable") from exc
         try:
-            await self._require_upstream().check()
-        except ScenemintError as exc:
-            log.error("not ready: upstream: %s", exc.code)
-            raise NotReady(detail=f"upstream: {exc.code}") from exc
-        self._ready_at = now
+            await self.references.probe()
+        except OSError as exc:
+            log.error("not ready: the data directory does not accept a file: %s", exc)
+            raise NotReady(detail="data directory not writable") from exc
+        if self.upstream is None:
+            log.error("not ready: upstream not configured")
+            raise NotReady(detail="upstream not configured")
+        upstream = self.upstream
+        now = asyncio.get_running_loop().time()
+        if now - self._ready_at >= _READY_CACHE_SECONDS:
+            try:
+                await upstream.probe()
+            except ScenemintError as exc:
+                log.error("not ready: upstream: %s", exc.code)
+                raise NotReady(detail=f"upstream: {exc.code}") from exc
+            self._ready_at = now
+        if now - self._chat_checked_at >= _READY_CACHE_SECONDS:
+            self._chat_checked_at = now
+            try:
+                await upstream.probe_chat()
+                self._chat = "available"
+            except ScenemintError as exc:
+                log.warning("chat (prompt enhancement) unavailable: %s", exc.code)
+                self._chat = "unavailable"
+        return {"status": "ready", "chat": self._chat}
 
     # -- reference images ----------------------------------------------------------------------
 
@@ -624,12 +682,33 @@ def _request_hash(*, mode: str, prompt: str, size: str, reference: Reference | N
     return digest.hexdigest()
 
 
-def _safe_image_type(content_type: str | None) -> str:
-    # never let an upstream make us serve HTML or script from our origin
-    value = (content_type or "").split(";")[0].strip().lower()
-    if value.startswith("image/") and value != "image/svg+xml":
-        return value
-    return "application/octet-stream"
+async def _read_at_least(chunks: AsyncIterator[bytes], size: int) -> bytes:
+    """The first bytes of a stream, at least `size` of them unless it ends first."""
+    head = b""
+    async for chunk in chunks:
+        head += chunk
+        if len(head) >= size:
+            break
+    return head
+
+
+def _held_back(error: UpstreamError) -> bool:
+    """Our own breaker held the call back: nothing was refused, try again later."""
+    return error.reason == "breaker"
+
+
+_ENHANCEMENT_CODES = {502: "enhance_failed", 503: "enhance_unavailable", 504: "enhance_timeout"}
+
+
+def _as_enhancement_error(exc: UpstreamError) -> UpstreamError:
+    """The same failure, with a code that says the enhancement failed."""
+    error = type(exc)(
+        _ENHANCEMENT_CODES.get(exc.status, "enhance_failed"),
+        detail=exc.detail,
+        upstream_status=exc.upstream_status,
+        reason=exc.reason,
+    )
+    return error
 
 
 def _short(fingerprint: str) -> str:

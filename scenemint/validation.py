@@ -9,6 +9,8 @@ from .errors import BadRequest, PayloadTooLarge
 
 _FINGERPRINT = re.compile(r"[A-Za-z0-9_-]{8,256}")
 _IDEMPOTENCY_KEY = re.compile(r"[\x20-\x7e]{1,255}")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MEDIA_TYPE = re.compile(r"image/[a-z0-9.+-]{1,64}")
 
 # magic numbers of the formats the upstream accepts
 _SIGNATURES: tuple[tuple[str, bytes], ...] = (
@@ -26,7 +28,15 @@ def clean_prompt(prompt: object, *, max_chars: int) -> str:
         raise BadRequest("empty_prompt")
     if len(text) > max_chars:
         raise BadRequest("prompt_too_long", detail=f"{len(text)} > {max_chars} characters")
+    check_text(text)
     return text
+
+
+def check_text(text: str) -> None:
+    """Refuse what no database or encoder downstream may be handed: NUL (PostgreSQL text
+    cannot hold it) and unpaired surrogates (not encodable as UTF-8)."""
+    if "\x00" in text or _SURROGATE.search(text):
+        raise BadRequest("invalid_text", detail="NUL or an unpaired surrogate")
 
 
 def clean_fingerprint(fingerprint: object) -> str:
@@ -80,7 +90,11 @@ def check_reference(
     sniffed = sniff_image_type(data)
     if sniffed is None:
         raise BadRequest("invalid_image", detail="bytes are not PNG, JPEG, WebP or GIF")
-    return Reference(data=data, filename=_safe_filename(filename, sniffed), content_type=declared)
+    # the declared type goes upstream (and into the ledger) only when it is a plain token
+    content_type = declared if _MEDIA_TYPE.fullmatch(declared) else sniffed
+    return Reference(
+        data=data, filename=_safe_filename(filename, sniffed), content_type=content_type
+    )
 
 
 def _safe_filename(filename: str | None, mime: str) -> str:

@@ -169,32 +169,32 @@ def test_without_a_prompt_model_enhancement_is_503(tmp_path, upstream, logs):
 
 def test_an_upstream_500_is_502(service, upstream):
     upstream.fail(CHAT_PATH, status=500)
-    assert_envelope(enhance(service), 502, "upstream_failed")
+    assert_envelope(enhance(service), 502, "enhance_failed")
     assert len(chat_requests(upstream)) == 1  # a stream is not retried
 
 
-def test_a_rejected_key_is_503_upstream_unavailable(tmp_path, upstream, logs):
+def test_a_rejected_key_is_503_enhance_unavailable(tmp_path, upstream, logs):
     settings = make_settings(tmp_path, upstream, upstream_api_key="not-the-key")
     with running_service(settings) as service:
-        assert_envelope(enhance(service), 503, "upstream_unavailable")
+        assert_envelope(enhance(service), 503, "enhance_unavailable")
     assert chat_requests(upstream)[0].authorization == "Bearer not-the-key"
 
 
-def test_an_upstream_401_is_503_upstream_unavailable(service, upstream):
+def test_an_upstream_401_is_503_enhance_unavailable(service, upstream):
     upstream.fail(CHAT_PATH, status=401, body='{"error": "unauthorized"}')
-    assert_envelope(enhance(service), 503, "upstream_unavailable")
+    assert_envelope(enhance(service), 503, "enhance_unavailable")
 
 
 def test_an_answer_that_is_not_an_event_stream_is_502(service, upstream):
     upstream.chat_content_type = "application/json"
     answer = enhance(service)
-    assert_envelope(answer, 502, "upstream_failed")
+    assert_envelope(answer, 502, "enhance_failed")
     assert "chat.completion" not in answer.text
 
 
 def test_an_unreachable_upstream_is_502(service, upstream):
     upstream.stop()
-    assert_envelope(enhance(service), 502, "upstream_failed")
+    assert_envelope(enhance(service), 502, "enhance_failed")
 
 
 # -- failures once streaming -----------------------------------------------------------------------

@@ -93,7 +93,7 @@ def shared_service(tmp_path_factory, shared_upstream) -> Iterator[RunningService
         image_first_byte_timeout=TIMEOUT,
         image_idle_timeout=TIMEOUT,
         stream_idle_timeout=TIMEOUT,
-        breaker_threshold=1_000_000,  # faults of one case must not open the breaker for the next
+        breaker_min_calls=1_000_000,  # faults of one case must not open the breaker for the next
     ) as running:
         yield running
 
@@ -508,21 +508,36 @@ def test_a_poll_of_an_unreachable_upstream_answers_502_and_moves_no_credit(servi
     assert audit(service).refunds == 0
 
 
-# -- the circuit breaker -------------------------------------------------------------------------
+# -- the circuit breakers: one per upstream operation, opened by a failure rate -------------------
 
 
 @pytest.fixture
 def breaker(tmp_path, upstream, logs):
-    settings = {"breaker_threshold": 3, "breaker_cooldown": 0.5, "submit_attempts": 1}
+    settings = {
+        "breaker_min_calls": 3,
+        "breaker_failure_rate": 0.5,
+        "breaker_cooldown": 0.5,
+        "submit_attempts": 1,
+    }
     with serve(tmp_path, upstream, **settings) as running:
         yield running
 
 
+def open_submit_breaker(running: RunningService, upstream: FakeUpstream) -> None:
+    """Fail submissions (each an unknown outcome: the charge is kept) until the breaker opens."""
+    upstream.fail(GENERATIONS, status=500)
+    for _ in range(3):
+        answer = generate(running)
+        if answer.status_code == 503:
+            break
+        assert answer.json()["data"]["status"] == "queued"
+    upstream.clear_faults()
+    assert running.service.upstream.http.breakers["submit"].is_open
+
+
 def test_the_breaker_fails_fast_after_repeated_failures_without_spending(breaker, upstream):
     check_in(breaker)
-    upstream.fail(GENERATIONS, status=500, times=3)
-    for _ in range(3):
-        assert generate(breaker).json()["data"]["status"] == "queued"  # unknown: charge kept
+    open_submit_breaker(breaker, upstream)
     assert len(upstream.recorded(GENERATIONS)) == 3
     answer, took = timed(lambda: generate(breaker))
     assert_envelope(answer, 503, "upstream_unavailable")
@@ -534,9 +549,7 @@ def test_the_breaker_fails_fast_after_repeated_failures_without_spending(breaker
 
 def test_the_breaker_lets_calls_through_after_the_cooldown(breaker, upstream):
     check_in(breaker)
-    upstream.fail(GENERATIONS, status=500, times=3)
-    for _ in range(3):
-        generate(breaker)
+    open_submit_breaker(breaker, upstream)
     assert_envelope(generate(breaker), 503, "upstream_unavailable")
     time.sleep(0.6)
     task = generated(breaker)
@@ -544,22 +557,64 @@ def test_the_breaker_lets_calls_through_after_the_cooldown(breaker, upstream):
     assert task["id"] in [r.json["client_task_id"] for r in upstream.recorded(GENERATIONS)]
 
 
-def test_the_open_breaker_also_fails_polls_and_streams_fast(breaker, upstream):
+def test_an_open_submit_breaker_leaves_polls_and_enhancements_alone(breaker, upstream):
     check_in(breaker)
     task = generated(breaker)
-    upstream.fail(GENERATIONS, status=500, times=3)
-    for _ in range(3):
-        generate(breaker)
+    open_submit_breaker(breaker, upstream)
+    assert_envelope(generate(breaker), 503, "upstream_unavailable")
     polls_before = len(upstream.recorded(LISTING, method="GET"))
-    assert_envelope(
-        breaker.http.get(f"/api/images/tasks/{task['id']}"), 503, "upstream_unavailable"
-    )
-    assert len(upstream.recorded(LISTING, method="GET")) == polls_before
+    answer = breaker.http.get(f"/api/images/tasks/{task['id']}")
+    assert answer.status_code == 200, answer.text
+    assert len(upstream.recorded(LISTING, method="GET")) == polls_before + 1
     enhance = breaker.http.post(
         "/api/prompts/enhance", json={"prompt": "a cat", "direction": "details"}
     )
-    assert_envelope(enhance, 503, "upstream_unavailable")
-    assert upstream.recorded(CHAT) == []
+    assert enhance.status_code == 200, enhance.text
+    assert frames(enhance.text)[-1] == "data: [DONE]"
+
+
+def test_failing_enhancements_never_block_generation(breaker, upstream):
+    """The chat model being unreachable (a real chatgpt2api without its provider) opens the
+    chat breaker only."""
+    check_in(breaker)
+    upstream.fail(CHAT, status=502)
+    for _ in range(6):
+        answer = breaker.http.post(
+            "/api/prompts/enhance", json={"prompt": "a cat", "direction": "details"}
+        )
+        assert answer.status_code in (502, 503), answer.text
+    assert answer.json()["error"] == "enhance_unavailable"  # the chat breaker is open
+    task = generated(breaker)
+    assert task["status"] == "queued"
+
+
+def test_readiness_probes_never_count_toward_a_breaker(breaker, upstream):
+    upstream.fail(LISTING, status=500)
+    for _ in range(8):
+        assert_envelope(breaker.http.get("/readyz"), 503, "not_ready")
+    upstream.clear_faults()
+    check_in(breaker)
+    task = generated(breaker)
+    assert breaker.http.get(f"/api/images/tasks/{task['id']}").status_code == 200
+
+
+def test_a_thirty_percent_error_rate_does_not_open_the_breaker(tmp_path, upstream, logs):
+    """Noise is not an outage: retries with the same client_task_id get the generations
+    through, and the breaker, judging a rate over at least 20 calls, stays closed."""
+    with serve(tmp_path, upstream, submit_attempts=3, breaker_cooldown=60) as svc:
+        check_in(svc)
+        check_in(svc, "other-fingerprint-2")
+        upstream.fail(GENERATIONS, status=503, probability=0.3, seed=7)
+        statuses = []
+        for index in range(20):
+            fingerprint = FINGERPRINT if index < 10 else "other-fingerprint-2"
+            answer = svc.http.post(
+                "/api/images/generate", json={"prompt": "a cat", "fingerprint": fingerprint}
+            )
+            statuses.append(answer.status_code)
+        assert statuses.count(200) == 20, statuses
+        assert len(upstream.recorded(GENERATIONS)) > 20  # some were retried
+        assert svc.service.upstream.http.breakers["submit"].is_open is False
 
 
 def test_client_errors_do_not_open_the_breaker(breaker, upstream):
@@ -702,25 +757,28 @@ def frames(body: str) -> list[str]:
     return [block for block in body.split("\n\n") if block]
 
 
-ERROR_FRAME = 'data: {"error": {"message": "The prompt enhancement stream was interrupted."}}'
+ERROR_FRAME = (
+    'data: {"error": {"message": "The prompt enhancement stream was interrupted.",'
+    ' "code": "enhance_interrupted"}}'
+)
 
 
 @pytest.mark.parametrize(
     ("inject", "status", "code"),
     [
-        pytest.param(lambda u: u.fail(CHAT, status=500), 502, "upstream_failed", id="500"),
-        pytest.param(lambda u: u.fail(CHAT, status=400), 502, "upstream_failed", id="400"),
+        pytest.param(lambda u: u.fail(CHAT, status=500), 502, "enhance_failed", id="500"),
+        pytest.param(lambda u: u.fail(CHAT, status=400), 502, "enhance_failed", id="400"),
         pytest.param(
-            lambda u: setattr(u, "api_key", "rotated-key"), 503, "upstream_unavailable", id="401"
+            lambda u: setattr(u, "api_key", "rotated-key"), 503, "enhance_unavailable", id="401"
         ),
         pytest.param(
             lambda u: setattr(u, "chat_content_type", "application/json"),
             502,
-            "upstream_failed",
+            "enhance_failed",
             id="not-event-stream",
         ),
-        pytest.param(lambda u: u.drop(CHAT), 502, "upstream_failed", id="reset"),
-        pytest.param(lambda u: u.delay(CHAT, 3.0), 504, "upstream_timeout", id="no-headers"),
+        pytest.param(lambda u: u.drop(CHAT), 502, "enhance_failed", id="reset"),
+        pytest.param(lambda u: u.delay(CHAT, 3.0), 504, "enhance_timeout", id="no-headers"),
     ],
 )
 def test_an_enhancement_refused_before_streaming_is_an_envelope_error(
@@ -833,7 +891,8 @@ def test_an_upstream_echoing_our_key_is_redacted_in_logs_and_exceptions(service,
 
 def test_a_json_answer_arriving_in_pieces_is_read_whole(tmp_path, logs):
     """A slow but healthy upstream: the body comes in two writes 0.2 s apart."""
-    body = json.dumps({"object": "list", "data": [{"id": "gpt-image-2"}] * 50}).encode()
+    missing = [str(uuid.uuid4()) for _ in range(20)]
+    body = json.dumps({"items": [], "missing_ids": missing}).encode()
 
     class Slow(BaseHTTPRequestHandler):
         def do_GET(self) -> None:

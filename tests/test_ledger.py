@@ -335,7 +335,7 @@ def test_hanging_resubmissions_do_not_delay_refunds(tmp_path, upstream, logs):
         submit_timeout=3.0,
         submit_attempts=1,
         resubmit_concurrency=8,
-        breaker_threshold=1000,
+        breaker_min_calls=1000,
     )
     with running_service(settings) as running:
         check_in(running)

@@ -67,18 +67,21 @@ def test_healthz_answers_even_without_an_upstream(tmp_path, logs):
         assert_envelope(running.http.get("/readyz"), 503, "not_ready")
 
 
-def test_readyz_makes_one_cheap_authenticated_upstream_call(service, upstream):
+def test_readyz_asks_the_task_api_with_the_key_and_reports_chat(service, upstream):
     answer = service.http.get("/readyz")
     assert answer.status_code == 200, answer.text
-    assert answer.json()["data"] == {"status": "ready"}
-    (call,) = upstream.requests
-    assert (call.method, call.path) == ("GET", MODELS)
-    assert call.authorization == f"Bearer {upstream.api_key}"
+    assert answer.json()["data"] == {"status": "ready", "chat": "available"}
+    listing, models = upstream.recorded(LISTING), upstream.recorded(MODELS)
+    assert len(listing) == 1 and len(models) == 1
+    (probed,) = listing[0].query["ids"].split(",")
+    assert uuid.UUID(probed).version == 4  # a random id: never one of our tasks
+    assert listing[0].authorization == f"Bearer {upstream.api_key}"
 
 
 def test_readyz_is_cached_briefly(service, upstream):
     for _ in range(5):
         assert service.http.get("/readyz").status_code == 200
+    assert len(upstream.recorded(LISTING)) == 1
     assert len(upstream.recorded(MODELS)) == 1
 
 
@@ -89,10 +92,19 @@ def test_readyz_fails_when_the_upstream_rejects_the_key(tmp_path, upstream, logs
 
 
 def test_a_failed_readiness_is_not_cached(service, upstream):
-    upstream.fail(MODELS, status=500, times=1)
+    upstream.fail(LISTING, status=500, times=1)
     assert_envelope(service.http.get("/readyz"), 503, "not_ready")
     assert service.http.get("/readyz").status_code == 200
-    assert len(upstream.recorded(MODELS)) == 2
+    assert len(upstream.recorded(LISTING)) == 2
+
+
+def test_an_unreachable_chat_model_is_reported_not_not_ready(service, upstream):
+    """A real chatgpt2api that cannot reach its provider fails /v1/models and chat, while
+    its image-task API works: the service is ready, and says chat is unavailable."""
+    upstream.fail(MODELS, status=502)
+    answer = service.http.get("/readyz")
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["data"] == {"status": "ready", "chat": "unavailable"}
 
 
 def test_readyz_fails_when_the_upstream_is_down(service, upstream):
@@ -336,7 +348,8 @@ def test_sigterm_ends_an_open_stream_with_a_final_frame_and_exits_cleanly(proces
         ended = time.monotonic() - signalled
     frames = [line for line in lines if line]
     assert frames[-2:] == [
-        'data: {"error": {"message": "The server is restarting. Please try again."}}',
+        'data: {"error": {"message": "The server is restarting. Please try again.",'
+        ' "code": "server_restarting"}}',
         "data: [DONE]",
     ]
     assert ended < 3  # well before the 10 s graceful timeout

@@ -68,7 +68,7 @@ def wait_for_lines(logs: LogCapture, pattern: re.Pattern[str], count: int) -> li
 def test_the_key_appears_in_no_answer_and_no_log_line(tmp_path, upstream, logs):
     key = upstream.api_key
     echo = f"bad key {key}"
-    settings = make_settings(tmp_path, upstream, breaker_threshold=1000, submit_attempts=1)
+    settings = make_settings(tmp_path, upstream, breaker_min_calls=1000, submit_attempts=1)
     with running_service(settings) as service:
         calls = Recorder(service)
         calls.send("POST", "/api/quota/check-in", json={"fingerprint": FINGERPRINT})

@@ -90,10 +90,18 @@ _V3 = [
 ]
 
 
+# readiness: one row that a probe rewrites, to know the database accepts a write
+_V4 = [
+    "CREATE TABLE health (id INTEGER PRIMARY KEY, checked_at {real} NOT NULL)",
+    "INSERT INTO health (id, checked_at) VALUES (1, 0)",
+]
+
+
 def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
     types = _TYPES[dialect]
     return [
         (1, [statement.format(**types) for statement in _V1]),
         (2, list(_APPEND_ONLY[dialect])),
         (3, [statement.format(**types) for statement in _V3]),
+        (4, [statement.format(**types) for statement in _V4]),
     ]

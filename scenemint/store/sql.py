@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ..errors import NoCredits, ScenemintError, StoreUnavailable
+from ..errors import NoCredits, ScenemintError, StoreRejected, StoreUnavailable
 from ..settlement import UNFINISHED, Decision, Guard, State
 from .base import (
     CAP,
@@ -95,6 +95,8 @@ class _Backend:
     # driver errors that mean "the database failed us", and the one that means "a unique
     # index refused the row" (a concurrent request with the same idempotency key)
     unavailable: tuple[type[BaseException], ...] = ()
+    # the data itself was refused (a NUL on PostgreSQL, text not encodable as UTF-8)
+    rejected: tuple[type[BaseException], ...] = (UnicodeError, ValueError)
     unique_violation: type[BaseException] = Exception
 
     def transaction(self, *, write: bool) -> AbstractContextManager[Tx]:
@@ -108,6 +110,7 @@ class _SQLiteBackend(_Backend):
     dialect = "sqlite"
     workers = 1  # one connection, one thread: writes serialise here instead of in busy-waits
     unavailable = (sqlite3.Error,)
+    rejected = (sqlite3.DataError, UnicodeError, ValueError)
     unique_violation = sqlite3.IntegrityError
 
     def __init__(self, path: Path) -> None:
@@ -162,6 +165,7 @@ class _PostgresBackend(_Backend):
             raise RuntimeError("PostgreSQL needs psycopg[binary,pool] installed") from exc
         self.workers = pool_size
         self.unavailable = (psycopg.Error, PoolTimeout)
+        self.rejected = (psycopg.DataError, UnicodeError, ValueError)
         self.unique_violation = psycopg.errors.UniqueViolation
         self._pool = ConnectionPool(
             url,
@@ -264,15 +268,19 @@ class SQLStore:
         self._offset = offset
 
     async def _call(self, fn: Callable[[], T]) -> T:
-        """Run `fn` in the store's threads; any driver error becomes StoreUnavailable."""
+        """Run `fn` in the store's threads; every exception of the drivers becomes ours:
+        data the database refuses is StoreRejected (400), anything else StoreUnavailable."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
         except (ScenemintError, KeyInUse):
             raise
+        except self._backend.rejected as exc:
+            log.error("database refused the data: %s", _describe(exc))
+            raise StoreRejected(detail=_describe(exc)) from exc
         except self._backend.unavailable as exc:
             log.error("database failed: %s", _describe(exc))
             raise StoreUnavailable(detail=_describe(exc)) from exc
-        except (OSError, RuntimeError) as exc:  # a closed pool, a vanished file system
+        except (OSError, RuntimeError, MemoryError) as exc:  # a closed pool, a lost file system
             log.error("database failed: %s", _describe(exc))
             raise StoreUnavailable(detail=_describe(exc)) from exc
 
@@ -324,6 +332,13 @@ class SQLStore:
 
     async def ping(self) -> None:
         await self._call(self._read(lambda tx: tx.one("SELECT 1")))
+
+    async def probe_write(self) -> None:
+        """Raise StoreUnavailable unless the database accepts (and commits) a write."""
+        now = self.now()
+        await self._call(
+            self._write(lambda tx: tx.run("UPDATE health SET checked_at = ? WHERE id = 1", now))
+        )
 
     # -- credits -------------------------------------------------------------------
 

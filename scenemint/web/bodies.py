@@ -18,6 +18,7 @@ from ..validation import Reference, check_reference
 _FORM_OVERHEAD = 64 * 1024  # room for the text fields and multipart headers around the image
 _MAX_FIELDS = 8
 _MAX_FIELD_BYTES = 32 * 1024
+MAX_JSON_DEPTH = 32  # our bodies are flat objects; anything this deep is not for us
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,11 +58,33 @@ async def read_json(request: Request, *, limit: int) -> dict[str, Any]:
     body = b"".join([chunk async for chunk in _counted(request, limit, "payload_too_large")])
     try:
         data = json.loads(body)
+    except RecursionError as exc:
+        raise BadRequest("json_too_deep") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest("invalid_json") from exc
     if not isinstance(data, dict):
         raise BadRequest("invalid_json", detail="body is not a JSON object")
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise BadRequest("json_too_deep", detail=f"nested deeper than {MAX_JSON_DEPTH}")
     return data
+
+
+def _depth(value: Any) -> int:
+    """How deeply `value` nests lists and objects (iteratively: no recursion to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 def media_type(request: Request) -> str:
@@ -79,12 +102,46 @@ async def read_generate(request: Request, *, json_limit: int, image_limit: int) 
     raise BadRequest("unsupported_media_type", detail=f"content type {kind!r}")
 
 
+class _ClosingDelimiter:
+    """Watches a multipart body go by for its closing delimiter (`--boundary--`).
+
+    The parser accepts a body that just stops; a body without its closing delimiter was cut
+    short (a truncated part), and must not be charged as something it is not.
+    """
+
+    def __init__(self, boundary: bytes) -> None:
+        self._delimiter = b"--" + boundary + b"--"
+        self._tail = b"\r\n"  # the delimiter may open the body
+        self.found = False
+
+    async def watch(self, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        async for chunk in chunks:
+            if not self.found:
+                window = self._tail + chunk
+                self.found = b"\r\n" + self._delimiter in window
+                self._tail = window[-(len(self._delimiter) + 1) :]
+            yield chunk
+        if not self.found:
+            # raised inside the parser's read loop: it closes the files of every part
+            raise BadRequest("invalid_form", detail="multipart body without its closing boundary")
+
+
+def _boundary(request: Request) -> bytes:
+    _, _, params = request.headers.get("content-type", "").partition(";")
+    for param in params.split(";"):
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "boundary" and value.strip().strip('"'):
+            return value.strip().strip('"').encode("latin-1")
+    raise BadRequest("invalid_form", detail="multipart without a boundary")
+
+
 async def _read_generate_form(request: Request, *, image_limit: int) -> GenerateInput:
     limit = image_limit + _FORM_OVERHEAD
     _declared_length(request, limit, "image_too_large")
+    closing = _ClosingDelimiter(_boundary(request))
     parser = MultiPartParser(
         request.headers,
-        _counted(request, limit, "image_too_large"),
+        closing.watch(_counted(request, limit, "image_too_large")),
         max_files=1,
         max_fields=_MAX_FIELDS,
         max_part_size=_MAX_FIELD_BYTES,

@@ -16,12 +16,15 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..metrics import Metrics, route_of
+from .envelope import failure_body
 
 log = logging.getLogger("scenemint.access")
 
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 _VALID_ID = re.compile(rb"[A-Za-z0-9._-]{1,64}")
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+MAX_PATH_CHARS = 1024  # our longest path is about 70 characters
+_LOGGED_PATH_CHARS = 200
 
 
 class RequestLogMiddleware:
@@ -38,6 +41,11 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        if len(scope["path"]) > MAX_PATH_CHARS or len(scope.get("query_string", b"")) > 8192:
+            # refused before any work: nothing of it is looked up, cached or echoed
+            await _too_long(scope, send)
+            self._observe("other", scope["method"], 414, time.perf_counter() - started)
+            return
         request_id = _incoming_id(scope) or f"{self._id_prefix}{next(self._ids):08x}"
         token = request_id_var.set(request_id)
         status = 0
@@ -57,7 +65,7 @@ class RequestLogMiddleware:
             log.info(
                 "%s %s -> %s in %.1f ms",
                 scope["method"],
-                scope["path"],
+                scope["path"][:_LOGGED_PATH_CHARS],
                 status or "aborted",
                 elapsed * 1000,
             )
@@ -89,3 +97,11 @@ def _incoming_id(scope: Scope) -> str | None:
         if name == b"x-request-id" and _VALID_ID.fullmatch(value):
             return str(value.decode())
     return None
+
+
+async def _too_long(scope: Scope, send: Send) -> None:
+    language = next((v for k, v in scope["headers"] if k == b"accept-language"), b"")
+    body = failure_body("path_too_long", accept_language=language.decode("latin-1"))
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 414, "headers": headers})
+    await send({"type": "http.response.body", "body": body})

@@ -13,7 +13,7 @@ from ..service import ImageService
 from ..validation import clean_fingerprint
 from .bodies import read_generate, read_json
 from .envelope import ok, ok_body_encoded
-from .streaming import ClosingStreamResponse
+from .streaming import ClosingStreamResponse, unless_client_leaves
 
 
 def get_service(request: Request) -> ImageService:
@@ -144,7 +144,12 @@ async def get_image(task_id: str, request: Request, service: ServiceDep) -> Resp
 async def enhance(request: Request, service: ServiceDep) -> Response:
     """Stream a rewrite of the prompt as OpenAI chat.completion.chunk SSE frames."""
     data = await read_json(request, limit=service.settings.max_json_bytes)
-    stream = await service.enhance(prompt=data.get("prompt"), direction=data.get("direction"))
+    opening = service.enhance(
+        prompt=data.get("prompt"), direction=data.get("direction"), chinese=_chinese(request)
+    )
+    stream = await unless_client_leaves(request, opening)
+    if stream is None:  # gone before the upstream answered: its request is already cancelled
+        return Response(status_code=499)
     return ClosingStreamResponse(
         aiter(stream),
         close=stream.aclose,
@@ -177,9 +182,9 @@ async def healthz() -> Response:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(service: ServiceDep) -> Response:
-    """Ready when the database answers and the upstream accepts our key (cached briefly)."""
-    await service.ready()
-    return ok({"status": "ready"})
+    """Ready when the database and the data directory accept a write and the upstream answers
+    a task listing with our key; the body says whether chat (enhancement) is available."""
+    return ok(await service.ready())
 
 
 @router.get("/metrics", include_in_schema=False)

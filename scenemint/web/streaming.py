@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any, TypeVar
 
 from prometheus_client import Gauge
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 log = logging.getLogger("scenemint.web")
+
+T = TypeVar("T")
 
 
 class ClosingStreamResponse(Response):
@@ -77,3 +81,20 @@ async def _disconnected(receive: Receive) -> None:
         message = await receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def unless_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """Await `work` (the body has been read), or cancel it when the client disconnects first:
+    None. An upstream request being opened for a client that left is cancelled at once."""
+    job = asyncio.ensure_future(work)
+    listener = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        await asyncio.wait({job, listener}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        listener.cancel()
+        if not job.done():
+            job.cancel()
+        await asyncio.gather(listener, job, return_exceptions=True)
+    if job.cancelled():
+        return None
+    return job.result()
