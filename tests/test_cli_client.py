@@ -225,6 +225,20 @@ def test_generate_with_an_image_submits_an_edit(cli, service, upstream, tmp_path
     assert sent.files["image"].data == reference
 
 
+def test_generate_json_of_a_failed_task_prints_the_balance_after_the_refund(
+    cli, service, upstream, tmp_path
+):
+    """It printed the stale remainingCredits of the submit answer (9) after the refund."""
+    check_in(service)
+    mover = Mover(upstream, fail=True)
+    result = cli("generate", "a lighthouse", "--json", "--poll-interval", "0.02")
+    mover.join()
+    assert result.exit_code == 1
+    task = json.loads(result.stdout)
+    assert task["status"] == "failed"
+    assert task["remainingCredits"] == 10 == balance(service)
+
+
 def test_generate_that_fails_upstream_says_so_and_exits_1(cli, service, upstream, tmp_path):
     check_in(service)
     mover = Mover(upstream, fail=True)
