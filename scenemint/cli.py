@@ -38,6 +38,7 @@ def serve(
 
     from .logs import configure_logging
     from .web.app import create_app
+    from .web.server import run, uvicorn_config, uvicorn_options
 
     settings = Settings()
     if host is not None or port is not None:
@@ -52,27 +53,21 @@ def serve(
     if workers > 1 and demo:
         raise typer.BadParameter("--demo runs one process: its demo upstream lives inside it")
     if workers > 1:
-        # each worker builds its own app (and its own upstream pool) from the environment
+        # each worker builds its own app (and its own upstream pool) from the environment,
+        # and its connection limits too (the protocol reads them there, once per process)
         os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
-    target: object = (
-        "scenemint.web.app:create_app_from_env" if workers > 1 else create_app(settings, demo=demo)
-    )
-    if workers == 1:
-        # uvicorn re-raises the signal that stopped it once its graceful shutdown is done;
-        # with the default handler the process would then die "killed by SIGTERM". A stop
-        # that was asked for and completed is a clean exit.
-        signal.signal(signal.SIGTERM, _exit_cleanly)
-    uvicorn.run(
-        target,  # type: ignore[arg-type]
-        factory=workers > 1,
-        workers=workers,
-        host=settings.host,
-        port=settings.port,
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        timeout_graceful_shutdown=10,
-    )
+        uvicorn.run(
+            "scenemint.web.app:create_app_from_env",
+            factory=True,
+            workers=workers,
+            **uvicorn_options(settings),
+        )
+        return
+    # uvicorn re-raises the signal that stopped it once its graceful shutdown is done;
+    # with the default handler the process would then die "killed by SIGTERM". A stop
+    # that was asked for and completed is a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    run(uvicorn_config(create_app(settings, demo=demo), settings))
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:

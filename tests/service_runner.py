@@ -16,6 +16,7 @@ import uvicorn
 
 from scenemint.config import Settings
 from scenemint.web.app import create_app
+from scenemint.web.server import uvicorn_config
 
 
 def free_port() -> int:
@@ -25,21 +26,25 @@ def free_port() -> int:
 
 
 class RunningService:
-    """A started service: `url`, an `http` client, and its `app` (for `app.state.service`)."""
+    """A started service: `url`, an `http` client, and its `app` (for `app.state.service`).
 
-    def __init__(self, settings: Settings, *, demo: bool = False) -> None:
+    The server is configured as `scenemint serve` configures it (`uvicorn_config`: the
+    connection deadlines and cap of `settings`); `server_options` override uvicorn options
+    (e.g. `http=GuardedH11Protocol`)."""
+
+    def __init__(self, settings: Settings, *, demo: bool = False, **server_options: Any) -> None:
         self.settings = settings
         self.app = create_app(settings, demo=demo)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(
+        config = uvicorn_config(
             self.app,
+            settings,
             host="127.0.0.1",
             port=self.port,
-            log_config=None,
-            access_log=False,
             lifespan="on",
             timeout_graceful_shutdown=2,
+            **server_options,
         )
         self.server = uvicorn.Server(config)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -84,8 +89,10 @@ class RunningService:
 
 
 @contextmanager
-def running_service(settings: Settings, *, demo: bool = False) -> Iterator[RunningService]:
-    running = RunningService(settings, demo=demo).start()
+def running_service(
+    settings: Settings, *, demo: bool = False, **server_options: Any
+) -> Iterator[RunningService]:
+    running = RunningService(settings, demo=demo, **server_options).start()
     try:
         yield running
     finally:
