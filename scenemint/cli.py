@@ -13,6 +13,7 @@ import typer
 
 from .cli_client import credits, enhance, generate
 from .config import Settings
+from .images.audit import audit_images
 
 app = typer.Typer(
     help="SceneMint: a credit-limited gateway for AI image generation.",
@@ -117,9 +118,46 @@ def credits_audit() -> None:
         raise typer.Exit(1)
 
 
+images_app = typer.Typer(help="The image store: check it against the ledger.")
+
+
+@images_app.command("audit")
+def images_audit() -> None:
+    """Every completed, unexpired task has its image in the store, and every stored image
+    belongs to a task; exit 1 otherwise."""
+    from .images import open_image_store
+    from .store import open_store
+
+    async def run() -> bool:
+        settings = Settings()
+        store = await open_store(settings)
+        images = open_image_store(
+            settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
+        )
+        try:
+            report = await audit_images(store, images)
+        finally:
+            await images.close()
+            await store.close()
+        typer.echo(
+            f"tasks with an image {report.live} live, {report.expired} expired;"
+            f" objects {report.objects}; legacy tasks not copied yet {report.legacy}"
+        )
+        for violation in report.violations:
+            typer.echo(f"VIOLATION: {violation}", err=True)
+        typer.echo(
+            "audit passed" if report.ok else f"audit FAILED: {len(report.violations)} violation(s)"
+        )
+        return report.ok
+
+    if not asyncio.run(run()):
+        raise typer.Exit(1)
+
+
 app.command()(generate)
 app.command()(enhance)
 app.add_typer(credits_app, name="credits")
+app.add_typer(images_app, name="images")
 
 
 def _raise_open_files_limit() -> None:

@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         validation_alias=_env("SCENEMINT_STREAM_DEADLINE"),
         description="the longest a whole enhancement stream may last",
     )
+    image_fetch_deadline: float = Field(
+        600.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_IMAGE_FETCH_DEADLINE"),
+        description="a finished image not copied into our store this long after the upstream"
+        " finished fails its task (refunded)",
+    )
     breaker_failure_rate: float = Field(
         0.5,
         gt=0,
@@ -121,6 +128,37 @@ class Settings(BaseSettings):
         ge=1,
         validation_alias=_env("SCENEMINT_UPSTREAM_POOL_SIZE"),
         description="most upstream connections at once; each open enhancement stream holds one",
+    )
+
+    # -- the image store ---------------------------------------------------------------
+    image_store: str = Field(
+        "",
+        validation_alias=_env("SCENEMINT_IMAGE_STORE"),
+        description="file:///path or s3://bucket/prefix; empty: <data dir>/images",
+    )
+    image_redirect: Literal["stream", "presigned"] = Field(
+        "stream",
+        validation_alias=_env("SCENEMINT_IMAGE_REDIRECT"),
+        description="presigned: answer image requests with a redirect to a short-lived URL (S3)",
+    )
+    image_retention_days: float = Field(
+        30.0,
+        ge=0,
+        validation_alias=_env("SCENEMINT_IMAGE_RETENTION_DAYS"),
+        description="images are deleted this many days after they were stored; 0 keeps them",
+    )
+    copy_concurrency: int = Field(
+        4,
+        ge=1,
+        le=256,
+        validation_alias=_env("SCENEMINT_COPY_CONCURRENCY"),
+        description="image copies a process runs at once",
+    )
+    sweep_interval: float = Field(
+        3600.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_SWEEP_INTERVAL"),
+        description="seconds between two retention sweeps (one instance at a time, by lease)",
     )
 
     # -- client connections ----------------------------------------------------------
@@ -224,6 +262,16 @@ class Settings(BaseSettings):
             value = [part for part in value.split(",") if part.strip()]
         if isinstance(value, list):
             return [_image_origin(part) if isinstance(part, str) else part for part in value]
+        return value
+
+    @field_validator("image_store")
+    @classmethod
+    def _known_image_store(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.startswith(("file:///", "s3://")):
+            raise ValueError("SCENEMINT_IMAGE_STORE must be file:///path or s3://bucket/prefix")
+        if value.startswith("s3://") and not value[len("s3://") :].split("/")[0]:
+            raise ValueError("SCENEMINT_IMAGE_STORE: s3:// needs a bucket (s3://bucket/prefix)")
         return value
 
     @field_validator("quota_timezone")

@@ -12,6 +12,8 @@
     ├── NotConfigured               upstream_not_configured 503
     ├── StoreUnavailable            store_unavailable 503  (the database failed; Retry-After)
     ├── StoreRejected               store_rejected  400  (the database refused the data itself)
+    ├── ImageStoreUnavailable       image_store_unavailable 503  (the image store failed)
+    ├── Gone                        image_expired   410  (deleted by the retention rule)
     └── NotReady                    not_ready       503  (readiness: the database is down)
 
 `code` is the machine code clients see in the envelope's `error` field; the
@@ -123,6 +125,19 @@ class StoreRejected(ScenemintError):
 
     code = "store_rejected"
     status = 400
+
+
+class ImageStoreUnavailable(ScenemintError):
+    """The image store failed (a full or read-only disk, an unreachable bucket)."""
+
+    code = "image_store_unavailable"
+    status = 503
+    retry_after = 2.0
+
+
+class Gone(ScenemintError):
+    code = "image_expired"
+    status = 410
 
 
 class NotReady(ScenemintError):

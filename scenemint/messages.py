@@ -57,6 +57,18 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The service cannot reach its database. Please try again in a moment.",
         "服务暂时无法访问数据库，请稍后重试。",
     ),
+    "image_store_unavailable": (
+        "The image storage is unavailable. Please try again in a moment.",
+        "图片存储暂时不可用，请稍后重试。",
+    ),
+    "image_expired": (
+        "This image has expired and was deleted.",
+        "该图片已过期并被删除。",
+    ),
+    "image_unavailable": (
+        "The finished image could not be retrieved. Your credit was returned.",
+        "无法获取生成的图片，额度已退回。",
+    ),
     "store_rejected": (
         "The request holds data the service cannot store.",
         "请求包含服务无法保存的数据。",
@@ -79,6 +91,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "json_too_deep": ("The JSON body is nested too deeply.", "JSON 请求体嵌套层数过多。"),
     "path_too_long": ("The request path is too long.", "请求路径过长。"),
+    "request_timeout": (
+        "The request did not arrive in time.",
+        "请求未能及时到达。",
+    ),
     "too_many_connections": (
         "The server is busy. Please try again shortly.",
         "服务器繁忙，请稍后重试。",

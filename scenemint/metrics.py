@@ -72,6 +72,26 @@ class Metrics:
             "Rows a reconcile round could not settle (each is tried again next round)",
             registry=r,
         )
+        self.image_copies = Counter(
+            "scenemint_image_copies", "Images copied into the image store", registry=r
+        )
+        self.image_copy_failures = Counter(
+            "scenemint_image_copy_failures",
+            "Image copies that failed (each is tried again until the fetch deadline)",
+            ["reason"],
+            registry=r,
+        )
+        self.image_store_bytes = Gauge(
+            "scenemint_image_store_bytes",
+            "Bytes of the live images in the image store (as of the last sweep)",
+            registry=r,
+        )
+        self.image_sweeps = Counter(
+            "scenemint_image_sweeps", "Retention sweeps run by this process", registry=r
+        )
+        self.images_expired = Counter(
+            "scenemint_images_expired", "Images deleted by the retention rule", registry=r
+        )
         self.open_streams = Gauge(
             "scenemint_open_streams", "Responses streaming right now", ["kind"], registry=r
         )

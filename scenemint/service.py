@@ -21,9 +21,9 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TypeVar
 
 from .answers import Answer, TaskAnswers
@@ -32,6 +32,8 @@ from .enhancement import EnhancementStream
 from .errors import (
     BadRequest,
     Conflict,
+    Gone,
+    ImageStoreUnavailable,
     NotConfigured,
     NotFound,
     NotReady,
@@ -39,6 +41,7 @@ from .errors import (
     StoreUnavailable,
     UpstreamError,
 )
+from .images import ImageStore, NotAnImage, key_for, open_image_store, verify_image
 from .metrics import Metrics
 from .models import (
     Task,
@@ -54,10 +57,14 @@ from .poller import TaskPoller
 from .prompts import DIRECTIONS, chat_request
 from .references import References
 from .settlement import (
+    FINISHED,
     Accepted,
     Decision,
+    Delivered,
     ErrorCode,
+    FetchFailed,
     Guard,
+    ImageRecord,
     Limits,
     Missing,
     Observation,
@@ -65,17 +72,17 @@ from .settlement import (
     Refused,
     Seen,
     State,
+    Stored,
     Unknown,
     decide,
 )
 from .store import KeyInUse, LedgerTask, NewTask, Store
-from .upstream import ImageResponse, UpstreamClient
+from .upstream import UpstreamClient
 from .validation import (
     Reference,
     clean_fingerprint,
     clean_idempotency_key,
     clean_prompt,
-    sniff_image_type,
 )
 
 log = logging.getLogger("scenemint.service")
@@ -92,14 +99,43 @@ class _Interrupted(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class ImageDownload:
-    """An open image stream and the headers it should be served with."""
+class StoredImage:
+    """A completed task's image in our store: what is needed to serve it."""
 
+    task_id: str
+    key: str
     content_type: str
-    content_length: int | None
-    etag: str
-    chunks: AsyncIterator[bytes]
-    aclose: Callable[[], Awaitable[None]]
+    size: int
+    stored_at: float  # seconds since the epoch (Last-Modified)
+    store: ImageStore
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.key.rpartition("/")[2]}"'  # strong: the SHA-256 of the bytes
+
+
+class Delivery:
+    """A generate answer on its way to its client.
+
+    Until `delivered()` the row is leased to the request that charged it and not yet the
+    client's: a crash before that refunds the task (the client may not have its id).
+    `delivered()` after the answer was sent, `undelivered()` when it could not be.
+    """
+
+    def __init__(self, service: ImageService, task: Task, row: LedgerTask | None) -> None:
+        self.task = task
+        self._service = service
+        self._row = row  # None: nothing is owed (a replay of a task already delivered)
+
+    async def delivered(self) -> None:
+        if self._row is not None:
+            row, self._row = self._row, None
+            await self._service.deliver(row, delivered=True)
+
+    async def undelivered(self) -> None:
+        if self._row is not None:
+            row, self._row = self._row, None
+            await self._service.deliver(row, delivered=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +153,7 @@ class ImageService:
         upstream: UpstreamClient | None,
         metrics: Metrics | None = None,
         owner: str | None = None,
+        images: ImageStore | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -125,13 +162,21 @@ class ImageService:
         # who this process is when it holds a lease (unique per process and start)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self.limits = Limits(
-            resubmit_window=settings.resubmit_window, task_max_age=settings.task_max_age
+            resubmit_window=settings.resubmit_window,
+            task_max_age=settings.task_max_age,
+            fetch_deadline=settings.image_fetch_deadline,
+        )
+        self.images = images or open_image_store(
+            settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
         )
         # set when the server begins a graceful shutdown: open streams end with a last
         # frame, generate requests in flight answer with their task at once
         self.shutting_down = asyncio.Event()
         # set when a row needs the reconciler now (a submission's outcome became unknown)
         self.needs_reconcile = asyncio.Event()
+        # set when a task's image is waiting to be copied (the upstream finished it)
+        self.needs_copy = asyncio.Event()
+        self._legacy_copies: dict[str, asyncio.Future[LedgerTask]] = {}
         self.answers = TaskAnswers(fresh_for=settings.poll_min_interval)
         self.references = References(settings.data_dir / "references")
         self.poller = (
@@ -158,8 +203,31 @@ class ImageService:
         """Validate, charge one credit, submit; raises before charging on bad input.
 
         With an `idempotency_key`, a repeated request (same fingerprint, key and body) gets
-        the task of the first one and is not charged again.
+        the task of the first one and is not charged again. The task returned is the
+        caller's (delivered); a server that sends it on uses `generate_answer` instead.
         """
+        delivery = await self.generate_answer(
+            prompt=prompt,
+            size=size,
+            fingerprint=fingerprint,
+            reference=reference,
+            idempotency_key=idempotency_key,
+        )
+        await delivery.delivered()
+        return delivery.task
+
+    async def generate_answer(
+        self,
+        *,
+        prompt: object,
+        size: object,
+        fingerprint: object,
+        reference: Reference | None = None,
+        idempotency_key: object = None,
+    ) -> Delivery:
+        """`generate`, with the task not yet delivered: the row stays leased to this request
+        until the caller says its answer left (`Delivery.delivered`) or could not
+        (`Delivery.undelivered`). A crash in between refunds the task."""
         clean = clean_prompt(prompt, max_chars=self.settings.max_prompt_chars)
         size_ = normalize_size(size)
         owner = clean_fingerprint(fingerprint)
@@ -200,15 +268,16 @@ class ImageService:
             raise
         self.metrics.credits_charged.inc()
         log.info("charged %s for task %s (%s)", _short(owner), task_id, mode)
-        return await self._submit_and_hand(charge.task, reference=reference, balance=charge.balance)
+        return await self._submit(charge.task, reference=reference, balance=charge.balance)
 
-    async def _replay(self, existing: LedgerTask, *, request_hash: str) -> Task:
+    async def _replay(self, existing: LedgerTask, *, request_hash: str) -> Delivery:
         """A request with a key that already names a task: that task, never a second charge."""
         if existing.request_hash != request_hash:
             raise Conflict("idempotency_key_reused", detail=f"key of task {existing.id}")
         balance = (await self.store.status(existing.fingerprint)).balance
         if existing.handed or existing.finished:
-            return self._public(existing, prompt=existing.prompt, remaining=balance)
+            task = self._public(existing, prompt=existing.prompt, remaining=balance)
+            return Delivery(self, task, None)
         if existing.lease_until > self.store.now():
             raise Conflict("idempotency_in_progress", retry_after=1.0)
         # its first request is gone (crashed, or its answer was lost): take the row over
@@ -221,28 +290,47 @@ class ImageService:
         if claimed.mode == "image" and reference is None:
             written = await self._observe(claimed, ReferenceGone())
             row = written or claimed
-            return self._public(row, prompt=row.prompt, remaining=balance + row.refunded)
-        return await self._submit_and_hand(claimed, reference=reference, balance=balance)
+            task = self._public(row, prompt=row.prompt, remaining=balance + row.refunded)
+            return Delivery(self, task, None)
+        return await self._submit(claimed, reference=reference, balance=balance)
 
-    async def _submit_and_hand(
+    async def _submit(
         self, row: LedgerTask, *, reference: Reference | None, balance: int
-    ) -> Task:
-        """Submit a row we hold the lease of, write the outcome, answer with the task."""
+    ) -> Delivery:
+        """Submit a row we hold the lease of and write the outcome, keeping the lease until
+        the answer has left (`Delivery`)."""
         async with self.lease(row):
             result = await self.submit(row, reference=reference, until_shutdown=True)
-        written = await self._observe(row, result.observation, hand=True)
+        written = await self._observe(row, result.observation, keep_lease=True)
         if written is None:
             # our lease lapsed while we were sending and another instance took the row
             current = await self.store.get_task(row.id)
             if current is not None and current.handed:
-                return self._public(current, prompt=current.prompt, remaining=balance)
+                task = self._public(current, prompt=current.prompt, remaining=balance)
+                return Delivery(self, task, None)
             raise StoreUnavailable(detail=f"lost the lease of task {row.id}", retry_after=1.0)
-        if isinstance(result.observation, Unknown):
-            log.warning("submission of %s has an unknown outcome: asking the upstream", row.id)
-            self.needs_reconcile.set()
         if isinstance(result.observation, Refused) and result.error is not None:
             raise result.error
-        return self._public(written, prompt=written.prompt, remaining=balance + written.refunded)
+        if isinstance(result.observation, Unknown):
+            log.warning("submission of %s has an unknown outcome: asking the upstream", row.id)
+        task = self._public(written, prompt=written.prompt, remaining=balance + written.refunded)
+        return Delivery(self, task, written)
+
+    async def deliver(self, row: LedgerTask, *, delivered: bool) -> None:
+        """The answer for `row` left for its client (or could not): record it, release the
+        lease. Never raises: a row left leased is refunded once the lease lapses."""
+        try:
+            if delivered:
+                written = await self._observe(row, Delivered())
+                if written is None:
+                    log.warning("task %s: its answer left, but the row changed meanwhile", row.id)
+            else:
+                log.warning("task %s: its answer did not reach the client: refunding", row.id)
+                await self.store.renew(row, owner=self.owner, seconds=0)
+        except ScenemintError as exc:
+            log.error("task %s: cannot record its delivery: %s", row.id, exc.detail or exc.code)
+        if row.state == State.SUBMITTING or not delivered:
+            self.needs_reconcile.set()  # an unknown outcome, or a refund due: look now
 
     async def submit(
         self, row: LedgerTask, *, reference: Reference | None, until_shutdown: bool = False
@@ -368,12 +456,16 @@ class ImageService:
     # -- settlement -------------------------------------------------------------------
 
     async def _observe(
-        self, row: LedgerTask, observation: Observation, *, hand: bool = False
+        self, row: LedgerTask, observation: Observation, *, keep_lease: bool = False
     ) -> LedgerTask | None:
-        """Decide and write what `observation` means for `row` (a Resubmit is not ours)."""
-        step = decide(row, observation, now=self.store.now(), limits=self.limits, hand=hand)
+        """Decide and write what `observation` means for `row` (a Resubmit is not ours).
+
+        `keep_lease`: an owner's write that keeps the lease (its answer has not left yet)."""
+        step = decide(row, observation, now=self.store.now(), limits=self.limits)
         if not isinstance(step, Decision):
             return row if step is None else None
+        if keep_lease and step.guard is Guard.OWNER and step.state not in FINISHED:
+            step = replace(step, keep_lease=True)
         return await self.write(row, step)
 
     async def write(self, row: LedgerTask, decision: Decision) -> LedgerTask | None:
@@ -405,6 +497,8 @@ class ImageService:
             log.info("refunded %s for task %s: %s", _short(row.fingerprint), row.id, row.error_code)
         elif row.state == State.COMPLETED:
             self.metrics.tasks.labels("completed").inc()
+        elif row.state == State.FETCHING and row.lease_owner is None:
+            self.needs_copy.set()
         if row.finished and row.reference_path:
             await self.drop_reference(row.id, row.reference_path)
 
@@ -454,6 +548,8 @@ class ImageService:
             row = written or await self._reread(row)
         elif row.state == State.SUBMITTING and row.lease_until <= self.store.now():
             self.needs_reconcile.set()  # nobody is sending it: the reconciler asks upstream
+        elif row.state == State.FETCHING and row.lease_until <= self.store.now():
+            self.needs_copy.set()  # nobody is copying its image: the copier takes it
         return self.answers.put(
             task_id, self._public(row), version=row.version, finished=row.finished
         )
@@ -465,7 +561,7 @@ class ImageService:
     def _public(
         self, row: LedgerTask, *, prompt: str | None = None, remaining: int | None = None
     ) -> Task:
-        status = State.QUEUED if row.state == State.SUBMITTING else State(row.state)
+        status = _PUBLIC_STATUS.get(State(row.state), State.QUEUED)
         return Task(
             id=row.id,
             mode=row.mode,
@@ -483,71 +579,144 @@ class ImageService:
 
     # -- images -------------------------------------------------------------------------
 
-    async def image_available(self, task_id: str) -> bool:
-        """True when the id is ours and its image finished (what a 304 may confirm)."""
-        if not is_task_id(task_id):
-            return False
-        task = await self.get_task(task_id)
-        return task.status == "completed"
-
-    async def open_image(self, task_id: str) -> ImageDownload:
-        """Open the first image of a completed task upstream; NotFound when there is none.
-
-        Only an `image/*` answer whose first bytes are PNG, JPEG, WebP or GIF is served
-        (otherwise 502), within `SCENEMINT_IMAGE_DEADLINE` in all. The caller iterates
-        `chunks` and must `aclose()` the download on every path.
-        """
+    async def image(self, task_id: str) -> StoredImage:
+        """The stored image of a completed task: NotFound while there is none, Gone once the
+        retention rule deleted it. A task completed before the image store existed has its
+        image copied on this first request."""
         if not is_task_id(task_id):
             raise NotFound("image_not_ready")
-        task = await self.get_task(task_id)  # it may have completed since the last poll
-        row = await self.store.get_task(task_id) if task.status == "completed" else None
-        if row is None or row.state != State.COMPLETED or not row.image_url:
+        task = await self.get_task(task_id)  # it may have finished since the last poll
+        if task.status != "completed":
             raise NotFound("image_not_ready")
-        if not row.image_url.startswith(("http://", "https://")):
-            raise NotFound("image_not_ready", detail="image URL is not absolute http(s)")
-        upstream = self._require_upstream()
-        deadline = asyncio.get_running_loop().time() + self.settings.image_deadline
-        stack = AsyncExitStack()
-        try:
-            response = await stack.enter_async_context(
-                upstream.open_image(row.image_url, deadline=deadline)
-            )
-            limit = self.settings.max_image_bytes
-            if response.content_length is not None and response.content_length > limit:
-                # known before answering: a clear 502, not a 200 cut off after its headers
-                raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
-            declared = (response.content_type or "").split(";")[0].strip().lower()
-            head = await _read_at_least(response.chunks, 16)
-            kind = sniff_image_type(head)
-            if not declared.startswith("image/") or kind is None:
-                raise UpstreamError(
-                    detail=f"image of {task_id} is not an allowed image ({declared or 'no type'})",
-                    reason="not_image",
-                )
-        except BaseException:
-            await stack.aclose()
-            raise
-        return ImageDownload(
-            content_type=kind,
-            content_length=response.content_length,
-            etag=f'"{task_id}"',
-            chunks=self._capped(head, response, task_id),
-            aclose=stack.aclose,
+        row = await self.store.get_task(task_id)
+        if row is None or row.state != State.COMPLETED:
+            raise NotFound("image_not_ready")
+        if self._expired(row):
+            raise Gone()
+        if row.image_key is None:
+            row = await self._copy_legacy(row)
+        assert row.image_key is not None and row.image_stored_at is not None
+        return StoredImage(
+            task_id=row.id,
+            key=row.image_key,
+            content_type=row.image_type or "application/octet-stream",
+            size=int(row.image_bytes or 0),
+            stored_at=row.image_stored_at,
+            store=self.images,
         )
 
-    async def _capped(
-        self, head: bytes, response: ImageResponse, task_id: str
-    ) -> AsyncIterator[bytes]:
-        limit, sent = self.settings.max_image_bytes, len(head)
-        if sent > limit:
-            raise UpstreamError(detail=f"image of {task_id} exceeds {limit} bytes")
-        if head:
-            yield head
-        async for chunk in response.chunks:
-            sent += len(chunk)
-            if sent > limit:
-                raise UpstreamError(detail=f"image of {task_id} exceeds {limit} bytes")
-            yield chunk
+    def _expired(self, row: LedgerTask) -> bool:
+        if row.image_expired_at is not None:
+            return True
+        days = self.settings.image_retention_days
+        stored = row.image_stored_at
+        return bool(days and stored is not None and stored < self.store.now() - days * 86400)
+
+    async def copy_image(self, row: LedgerTask) -> Stored | FetchFailed:
+        """Download the task's image, check it is one, store it under its content hash.
+
+        One attempt, within `SCENEMINT_IMAGE_DEADLINE`; the caller holds the row's lease.
+        """
+        if not row.image_url:
+            return FetchFailed("no image URL")
+        try:
+            data = await self._download(row.image_url, row.id)
+            info = await asyncio.to_thread(verify_image, data)
+        except UpstreamError as exc:
+            self.metrics.image_copy_failures.labels("download").inc()
+            log.warning("copy of the image of %s failed: %s", row.id, exc.detail)
+            # an origin we may not fetch from will not become one by trying again
+            return FetchFailed(exc.detail, final=exc.reason == "forbidden")
+        except NotAnImage as exc:
+            self.metrics.image_copy_failures.labels("not_image").inc()
+            log.warning("the image of %s is not one we serve: %s", row.id, exc)
+            return FetchFailed(f"not an image: {exc}")
+        key = key_for(data)
+        try:
+            await self.images.put(key, data, content_type=info.content_type)
+        except ImageStoreUnavailable as exc:
+            self.metrics.image_copy_failures.labels("store").inc()
+            return FetchFailed(exc.detail)
+        self.metrics.image_copies.inc()
+        log.info("stored the image of %s (%d bytes, %s)", row.id, len(data), info.content_type)
+        return Stored(
+            ImageRecord(
+                key=key,
+                content_type=info.content_type,
+                size=len(data),
+                width=info.width,
+                height=info.height,
+            )
+        )
+
+    async def complete(self, row: LedgerTask) -> LedgerTask | None:
+        """Copy the image of a `fetching` row we hold the lease of, and settle what it gave."""
+        async with self.lease(row):
+            observation = await self.copy_image(row)
+        return await self._observe(row, observation)
+
+    async def _download(self, url: str, task_id: str) -> bytes:
+        """The bytes of an image URL (an `image/*` answer), capped in size and time."""
+        upstream = self._require_upstream()
+        deadline = asyncio.get_running_loop().time() + self.settings.image_deadline
+        limit = self.settings.max_image_bytes
+        async with upstream.open_image(url, deadline=deadline) as response:
+            declared = (response.content_type or "").split(";")[0].strip().lower()
+            if not declared.startswith("image/"):
+                raise UpstreamError(
+                    detail=f"image of {task_id} is {declared or 'untyped'}", reason="not_image"
+                )
+            if response.content_length is not None and response.content_length > limit:
+                raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
+            data = bytearray()
+            async for chunk in response.chunks:
+                data += chunk
+                if len(data) > limit:
+                    raise UpstreamError(detail=f"image of {task_id} exceeds {limit} bytes")
+        return bytes(data)
+
+    async def _copy_legacy(self, row: LedgerTask) -> LedgerTask:
+        """Copy the image of a task completed before the image store existed: once per
+        task, whatever the number of requests (in this process: they share one copy; across
+        instances: the lease decides, the others wait for its result)."""
+        running = self._legacy_copies.get(row.id)
+        if running is None:
+            running = asyncio.ensure_future(self._copy_legacy_once(row))
+            self._legacy_copies[row.id] = running
+            running.add_done_callback(lambda _: self._legacy_copies.pop(row.id, None))
+        return await asyncio.shield(running)
+
+    async def _copy_legacy_once(self, row: LedgerTask) -> LedgerTask:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.image_deadline + self.settings.lease_seconds
+        while True:
+            claimed = await self.store.claim_legacy_copy(
+                row, owner=self.owner, seconds=self.settings.lease_seconds
+            )
+            if claimed is not None:
+                break
+            # another instance is copying it: wait for its result (or for its lease to lapse)
+            if loop.time() > deadline:
+                raise UpstreamError(detail=f"the image of {row.id} is being copied elsewhere")
+            await asyncio.sleep(0.2)
+            fresh = await self.store.get_task(row.id)
+            if fresh is None:
+                raise NotFound("image_not_ready")
+            if fresh.image_key is not None:
+                return fresh
+            row = fresh
+        async with self.lease(claimed):
+            observation = await self.copy_image(claimed)
+        if isinstance(observation, FetchFailed):
+            await self.store.renew(claimed, owner=self.owner, seconds=0)  # release it
+            raise UpstreamError(detail=f"image of {row.id}: {observation.detail}")
+        written = await self.store.attach_image(claimed, observation.image, owner=self.owner)
+        if written is None:
+            fresh = await self.store.get_task(row.id)
+            if fresh is None or fresh.image_key is None:
+                raise UpstreamError(detail=f"lost the lease of {row.id} while copying its image")
+            return fresh
+        return written
 
     # -- prompt enhancement --------------------------------------------------------------
 
@@ -606,6 +775,11 @@ class ImageService:
         except OSError as exc:
             log.error("not ready: the data directory does not accept a file: %s", exc)
             raise NotReady(detail="data directory not writable") from exc
+        try:
+            await self.images.probe()
+        except ImageStoreUnavailable as exc:
+            log.error("not ready: the image store does not accept a write: %s", exc.detail)
+            raise NotReady(detail="image store not writable") from exc
         if self.upstream is None:
             log.error("not ready: upstream not configured")
             raise NotReady(detail="upstream not configured")
@@ -682,14 +856,15 @@ def _request_hash(*, mode: str, prompt: str, size: str, reference: Reference | N
     return digest.hexdigest()
 
 
-async def _read_at_least(chunks: AsyncIterator[bytes], size: int) -> bytes:
-    """The first bytes of a stream, at least `size` of them unless it ends first."""
-    head = b""
-    async for chunk in chunks:
-        head += chunk
-        if len(head) >= size:
-            break
-    return head
+# the status a client sees for each ledger state
+_PUBLIC_STATUS = {
+    State.SUBMITTING: State.QUEUED,
+    State.QUEUED: State.QUEUED,
+    State.RUNNING: State.RUNNING,
+    State.FETCHING: State.RUNNING,  # the upstream finished; its image is being copied
+    State.COMPLETED: State.COMPLETED,
+    State.FAILED: State.FAILED,
+}
 
 
 def _held_back(error: UpstreamError) -> bool:

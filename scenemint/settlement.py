@@ -8,17 +8,23 @@ version), a `Resubmit` (the caller claims the row's lease and submits again), or
 only money movement after the charge, so "who refunds?" has one answer: the write of a
 FAILED decision, which the store applies at most once per row.
 
-    submitting ──Accepted/Seen──▶ queued ◀──▶ running ──Seen(completed)──▶ completed
-        │  ▲                        │            │
-        │  └── Unknown (kept)       └────────────┴── Missing, Seen(failed), age limit ──┐
-        └── Refused, not handed, Missing too old ──────────────────────────────────────┴─▶ failed
-                                                                                      (refunded)
+    submitting ─Accepted/Seen─▶ queued ◀─▶ running ─Seen(completed)─▶ fetching ─Stored─▶ completed
+        │  ▲                       │           │                         │
+        │  └─ Unknown (kept)       └───────────┴─ Missing, Seen(failed), │ fetch deadline
+        │                                         age limit              │ passed
+        └─ Refused, not handed, Missing too old ─────────────────────────┴──▶ failed (refunded)
+
+Completion includes the bytes: a task the upstream finished is `fetching` (shown as running)
+until its image is in our image store; the lease holder copies it (`Stored`); a copy that
+keeps failing (`FetchFailed`) fails the task and refunds it once `fetch_deadline` has passed
+since the upstream finished.
 
 Who may write what is decided by the lease in the row, never by how long ago something
 happened: an answer to a submission is written only by the lease holder (`Guard.OWNER`);
 what a listing says, the age limit and an abandoned row are written only when no live
-lease is held (`Guard.FREE`). A row whose answer never reached the client (`handed_at`
-unset) and whose owner is gone is refunded, whatever the upstream made of it.
+lease is held (`Guard.FREE`). The request that charged a row keeps its lease until its
+answer was sent, then writes `Delivered` (`handed_at`); a row whose answer never left and
+whose owner is gone is refunded, whatever the upstream made of it.
 """
 
 from __future__ import annotations
@@ -32,11 +38,12 @@ class State(StrEnum):
     SUBMITTING = "submitting"  # charged; the submission is in flight or its outcome unknown
     QUEUED = "queued"
     RUNNING = "running"
+    FETCHING = "fetching"  # the upstream finished: its image is being copied into our store
     COMPLETED = "completed"
     FAILED = "failed"  # and refunded, in the same write
 
 
-UNFINISHED = frozenset({State.SUBMITTING, State.QUEUED, State.RUNNING})
+UNFINISHED = frozenset({State.SUBMITTING, State.QUEUED, State.RUNNING, State.FETCHING})
 FINISHED = frozenset({State.COMPLETED, State.FAILED})
 
 
@@ -55,7 +62,8 @@ class ErrorCode(StrEnum):
     LOST = "task_lost"  # the upstream never got it, and it is too old to send again
     EXPIRED = "task_expired"  # the upstream forgot it before it finished
     TIMED_OUT = "timed_out"  # unfinished after the age limit
-    NO_IMAGE = "no_image"  # "completed" without an image
+    NO_IMAGE = "no_image"  # "completed" without an image (or with a URL we cannot fetch)
+    IMAGE_UNAVAILABLE = "image_unavailable"  # its image could not be copied in time
     REFERENCE_LOST = "reference_lost"  # an edit's reference image is gone, cannot resubmit
 
 
@@ -70,6 +78,10 @@ class Row(Protocol):
     def handed_at(self) -> float | None: ...
     @property
     def lease_until(self) -> float: ...
+    @property
+    def upstream_done_at(self) -> float | None: ...
+    @property
+    def fetch_attempts(self) -> int: ...
 
 
 class UpstreamView(Protocol):
@@ -124,8 +136,43 @@ class Missing:
 
 
 @dataclass(frozen=True, slots=True)
+class ImageRecord:
+    """A task's image as our image store holds it."""
+
+    key: str  # the SHA-256 of the bytes, as the store names it
+    content_type: str
+    size: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """The lease holder copied the task's image into our store."""
+
+    image: ImageRecord
+
+
+@dataclass(frozen=True, slots=True)
+class FetchFailed:
+    """The lease holder could not copy the image (this time; `final`: never, as when its
+    URL is on an origin we may not fetch from)."""
+
+    detail: str = ""
+    final: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Abandoned:
     """Looked at by someone who is not its owner: settle what no one will finish."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The owner's answer (the task id) left for the client: from now on the task is theirs.
+
+    Written only after the answer was sent, never before: a crash in between leaves a row
+    whose answer may not have arrived, and that row is refunded (the user's favour)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,7 +180,18 @@ class ReferenceGone:
     """A resubmission is due but the edit's reference image is gone."""
 
 
-Observation = Accepted | Refused | Unknown | Seen | Missing | Abandoned | ReferenceGone
+Observation = (
+    Accepted
+    | Refused
+    | Unknown
+    | Seen
+    | Missing
+    | Abandoned
+    | ReferenceGone
+    | Stored
+    | FetchFailed
+    | Delivered
+)
 
 
 # -- outcomes ---------------------------------------------------------------------------
@@ -143,6 +201,8 @@ Observation = Accepted | Refused | Unknown | Seen | Missing | Abandoned | Refere
 class Limits:
     resubmit_window: float  # a lost submission is sent again while younger than this
     task_max_age: float  # an unfinished task older than this fails
+    fetch_deadline: float = 600.0  # an image not copied this long after the upstream finished
+    fetch_backoff_max: float = 60.0  # the longest pause between two copy attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +216,11 @@ class Decision:
     image_url: str | None = None
     revised_prompt: str | None = None
     hand: bool = False  # the answer leaves for the client with this write
+    image: ImageRecord | None = None  # the stored image (COMPLETED by Stored)
+    upstream_done: bool = False  # the upstream finished with this write (FETCHING begins)
+    retry_in: float | None = None  # keep the row unleased this long (a copy to try again)
+    fetch_error: str | None = None  # why the last copy failed (for the log and operators)
+    keep_lease: bool = False  # the owner keeps its lease (its answer has not left yet)
 
     @property
     def refunds(self) -> bool:
@@ -186,6 +251,13 @@ def decide(
         return None
     free = row.lease_until <= now
     handed = row.handed_at is not None  # `hand` only goes with the owner's own write
+    if isinstance(observation, Delivered):
+        return Decision(state, Guard.OWNER, hand=True)
+    if not handed and free and isinstance(observation, Seen | Missing | Abandoned):
+        # its owner is gone and its answer never left: whatever the upstream made of it
+        return fail(ErrorCode.NOT_DELIVERED, Guard.FREE)
+    if state is State.FETCHING:
+        return _fetching(row, observation, now=now, free=free, limits=limits)
     match observation:
         case Accepted(task):
             if state is not State.SUBMITTING:
@@ -203,15 +275,11 @@ def decide(
         case Seen(task):
             if not free:
                 return None
-            if state is State.SUBMITTING and not handed:
-                return fail(ErrorCode.NOT_DELIVERED, Guard.FREE)
             return _from_upstream(task, Guard.FREE, hand=False, same_as=row)
         case Missing():
             if not free:
                 return None
             if state is State.SUBMITTING:
-                if not handed:
-                    return fail(ErrorCode.NOT_DELIVERED, Guard.FREE)
                 if now - row.created_at < limits.resubmit_window:
                     return Resubmit()
                 return fail(ErrorCode.LOST, Guard.FREE)
@@ -219,8 +287,6 @@ def decide(
         case Abandoned():
             if not free:
                 return None
-            if state is State.SUBMITTING and not handed:
-                return fail(ErrorCode.NOT_DELIVERED, Guard.FREE)
             if now - row.created_at > limits.task_max_age:
                 return fail(ErrorCode.TIMED_OUT, Guard.FREE)
             return None
@@ -231,19 +297,40 @@ def decide(
     return None
 
 
+def _fetching(
+    row: Row, observation: Observation, *, now: float, free: bool, limits: Limits
+) -> Step:
+    """A task whose upstream finished: only its image copy (or the fetch deadline) moves it."""
+    since = row.upstream_done_at if row.upstream_done_at is not None else now
+    too_late = now - since > limits.fetch_deadline
+    match observation:
+        case Stored(image):
+            return Decision(State.COMPLETED, Guard.OWNER, image=image)
+        case FetchFailed(detail, final):
+            if too_late or final:
+                return fail(ErrorCode.IMAGE_UNAVAILABLE, Guard.OWNER)
+            pause = min(limits.fetch_backoff_max, 2.0 ** min(row.fetch_attempts, 16))
+            return Decision(State.FETCHING, Guard.OWNER, retry_in=pause, fetch_error=detail)
+        case Abandoned():
+            if free and too_late:
+                return fail(ErrorCode.IMAGE_UNAVAILABLE, Guard.FREE)
+    return None
+
+
 def _from_upstream(task: UpstreamView, guard: Guard, *, hand: bool, same_as: Row | None) -> Step:
     """Where the upstream's view of a task takes the row."""
     if task.status == "failed":
         return fail(ErrorCode.UPSTREAM, guard, error=task.error)
     if task.status == "completed":
-        if not task.image_url:
+        if not task.image_url or not task.image_url.startswith(("http://", "https://")):
             return fail(ErrorCode.NO_IMAGE, guard)
         return Decision(
-            State.COMPLETED,
+            State.FETCHING,
             guard,
             image_url=task.image_url,
             revised_prompt=task.revised_prompt,
             hand=hand,
+            upstream_done=True,
         )
     state = State.RUNNING if task.status == "running" else State.QUEUED
     if same_as is not None and same_as.state == state:

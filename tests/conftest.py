@@ -81,6 +81,22 @@ def assert_envelope(answer: httpx.Response, status: int, code: str) -> dict[str,
     return body
 
 
+def wait_finished(running: RunningService, task_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll the task until it is completed or failed (its image copied, or given up)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = running.http.get(f"/api/images/tasks/{task_id}")
+        assert answer.status_code == 200, answer.text
+        task: dict[str, Any] = answer.json()["data"]
+        if task["status"] in ("completed", "failed"):
+            return task
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} still {task['status']} after {timeout} s")
+        time.sleep(0.02)
+
+
 def check_in(running: RunningService, fingerprint: str = FINGERPRINT) -> int:
     answer = running.http.post("/api/quota/check-in", json={"fingerprint": fingerprint})
     assert answer.status_code == 200, answer.text
@@ -134,3 +150,45 @@ def postgres_url() -> Iterator[str]:
     if not POSTGRES_URL:
         pytest.skip(SKIP_POSTGRES)
     yield from postgres_schema_url()
+
+
+# --- a small disk of our own: a tmpfs (needs root; skipped with the reason otherwise) -----
+
+import contextlib  # noqa: E402
+import subprocess  # noqa: E402
+
+
+def mount_tmpfs(target: Path, size: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({result.stderr.strip()}): needs root")
+
+
+def remount(target: Path, mode: str) -> None:
+    """Make a mounted tmpfs read-only ("ro") or writable again ("rw")."""
+    subprocess.run(["mount", "-o", f"remount,{mode}", str(target)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    target = tmp_path / "small-disk"
+    mount_tmpfs(target, "4m")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Fill `disk` up; the file that did it (remove it to free the space)."""
+    filler = disk / "filler"
+    with open(filler, "wb") as handle, contextlib.suppress(OSError):
+        while True:
+            handle.write(b"\0" * 65536)
+    return filler

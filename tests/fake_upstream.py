@@ -93,6 +93,21 @@ def make_png(width: int, height: int, *, rgb: tuple[int, int, int] = (200, 80, 4
     )
 
 
+def noisy_png(width: int, height: int, *, seed: int = 0) -> bytes:
+    """A valid PNG of random pixels: it does not compress (about 3 bytes a pixel)."""
+    rng = random.Random(seed)
+    rows = b"".join(
+        b"\x00" + bytes(rng.getrandbits(8) for _ in range(width * 3)) for _ in range(height)
+    )
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        _PNG_SIGNATURE
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", zlib.compress(rows, 0))
+        + _png_chunk(b"IEND", b"")
+    )
+
+
 TINY_PNG: bytes = make_png(1, 1)
 
 # Generated file content: a 4 KiB pattern that starts with the PNG signature, so

@@ -33,7 +33,7 @@ from scenemint.client import (
     WaitTimeout,
     stored_fingerprint,
 )
-from tests.conftest import FINGERPRINT, balance, check_in
+from tests.conftest import FINGERPRINT, balance, check_in, wait_finished
 from tests.fake_upstream import TINY_PNG, make_png
 from tests.service_runner import free_port
 
@@ -210,7 +210,7 @@ def test_task_reports_the_current_state(client, service, upstream):
     upstream.set_task(task.id, status="running")
     assert client.task(task.id).status == "running"
     upstream.complete_task(task.id, revised_prompt="a tall lighthouse")
-    done = client.task(task.id)
+    done = wait_finished(service, task.id) and client.task(task.id)
     assert done.status == "completed"
     assert done.image == f"/api/images/tasks/{task.id}/image"
     assert done.revised_prompt == "a tall lighthouse"

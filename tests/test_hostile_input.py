@@ -17,7 +17,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from tests.conftest import FINGERPRINT, assert_envelope, balance, check_in, make_settings
+from tests.conftest import (
+    FINGERPRINT,
+    assert_envelope,
+    balance,
+    check_in,
+    make_settings,
+    wait_finished,
+)
 from tests.fake_upstream import TINY_PNG, FakeUpstream
 from tests.service_runner import RunningService, running_service
 
@@ -485,7 +492,10 @@ class TinyHost:
 def shared_hosts(tmp_path_factory, shared_upstream):
     with TinyHost() as allowed, TinyHost() as stranger:
         settings = make_settings(
-            tmp_path_factory.mktemp("hosts"), shared_upstream, image_hosts=[allowed.origin + "/"]
+            tmp_path_factory.mktemp("hosts"),
+            shared_upstream,
+            image_hosts=[allowed.origin + "/"],
+            image_fetch_deadline=1.0,  # a refused image fails its task quickly
         )
         with running_service(settings) as running:
             yield running, allowed, stranger
@@ -502,13 +512,23 @@ def hosts(shared_hosts, shared_upstream, logs):
 
 
 def image_of(running: RunningService, upstream: FakeUpstream, url: str) -> httpx.Response:
-    """Generate a task, let the upstream complete it with `url`, fetch its image."""
+    """Generate a task, let the upstream complete it with `url`, wait until its image is
+    ours (or the copy gave up), fetch its image."""
     fingerprint = f"fp-{uuid.uuid4().hex[:16]}"
     check_in(running, fingerprint)
     answer = running.http.post(GENERATE, json={"prompt": "a fox", "fingerprint": fingerprint})
     task_id = answer.json()["data"]["id"]
     upstream.set_task(task_id, status="success", data=[{"url": url}], error=None)
-    return running.http.get(f"/api/images/tasks/{task_id}/image")
+    task = wait_finished(running, task_id)
+    image = running.http.get(f"/api/images/tasks/{task_id}/image")
+    if task["status"] == "failed":  # the image was never ours: the credit came back
+        assert balance(running, fingerprint) == 10
+    return image
+
+
+def refused(answer: httpx.Response) -> None:
+    """The image was not copied: its task failed (refunded) and has no image."""
+    assert_envelope(answer, 404, "image_not_ready")
 
 
 def test_an_image_on_the_listed_host_is_served_without_the_key(hosts, shared_upstream):
@@ -542,7 +562,7 @@ def test_an_image_on_an_origin_not_allowed_is_never_fetched(hosts, shared_upstre
     running, _, stranger = hosts
     stranger.routes["/a.png"] = (200, {"Content-Type": "image/png"}, TINY_PNG)
     answer = image_of(running, shared_upstream, make_url(shared_upstream, stranger.origin))
-    assert_envelope(answer, 502, "upstream_failed")
+    refused(answer)
     assert stranger.seen == []
     assert shared_upstream.recorded("/files/") == []
 
@@ -552,7 +572,7 @@ def test_a_redirect_to_another_origin_is_not_followed(hosts, shared_upstream):
     stranger.routes["/inner.png"] = (200, {"Content-Type": "image/png"}, TINY_PNG)
     allowed.routes["/a.png"] = (302, {"Location": stranger.origin + "/inner.png"}, b"")
     answer = image_of(running, shared_upstream, allowed.origin + "/a.png")
-    assert_envelope(answer, 502, "upstream_failed")
+    refused(answer)
     assert [path for path, _ in allowed.seen] == ["/a.png"]
     assert stranger.seen == []
 
@@ -586,17 +606,18 @@ def test_a_redirect_to_an_upstream_admin_path_serves_nothing(hosts, shared_upstr
     target = shared_upstream.add_file("admin", b'{"accounts": ["secret"]}', content_type=None)
     allowed.routes["/a.png"] = (302, {"Location": target}, b"")
     answer = image_of(running, shared_upstream, allowed.origin + "/a.png")
-    assert_envelope(answer, 502, "upstream_failed")
+    refused(answer)
     assert "secret" not in answer.text
     assert shared_upstream.recorded("/files/admin")[0].authorization is None
 
 
-def test_a_redirect_loop_ends_in_502(hosts, shared_upstream):
+def test_a_redirect_loop_is_given_up(hosts, shared_upstream):
     running, allowed, _ = hosts
     allowed.routes["/a.png"] = (302, {"Location": "/a.png"}, b"")
     answer = image_of(running, shared_upstream, allowed.origin + "/a.png")
-    assert_envelope(answer, 502, "upstream_failed")
-    assert 1 < len(allowed.seen) <= 5
+    refused(answer)
+    # each copy attempt follows at most 3 redirects (4 requests); a few attempts at most
+    assert len(allowed.seen) % 4 == 0 and 4 <= len(allowed.seen) <= 12
 
 
 def test_only_safe_headers_of_an_image_host_are_passed_on(hosts, shared_upstream):
@@ -657,13 +678,17 @@ def test_only_an_image_of_an_allowed_type_is_served(hosts, shared_upstream, decl
         assert answer.headers["x-content-type-options"] == "nosniff"
         assert answer.content == body
     else:
-        assert_envelope(answer, 502, "upstream_failed")
+        refused(answer)
 
 
 def test_the_image_size_cap_applies_to_every_host(tmp_path, upstream, logs):
     with TinyHost() as allowed:
         settings = make_settings(
-            tmp_path, upstream, image_hosts=[allowed.origin], max_image_bytes=1000
+            tmp_path,
+            upstream,
+            image_hosts=[allowed.origin],
+            max_image_bytes=1000,
+            image_fetch_deadline=1.0,
         )
         with running_service(settings) as running:
             check_in(running)
@@ -671,14 +696,16 @@ def test_the_image_size_cap_applies_to_every_host(tmp_path, upstream, logs):
             allowed.routes["/big.png"] = (200, {"Content-Type": "image/png"}, big)
             allowed.routes["/fits.png"] = (200, {"Content-Type": "image/png"}, fits)
             too_big = image_of(running, upstream, allowed.origin + "/big.png")
-            assert_envelope(too_big, 502, "upstream_failed")
+            refused(too_big)
             fits = image_of(running, upstream, allowed.origin + "/fits.png")
             assert fits.status_code == 200 and len(fits.content) == 1000
 
 
 def test_refused_image_origins_do_not_open_the_circuit_breaker(tmp_path, upstream, logs):
     """A task pointing at a forbidden host is our refusal, not an upstream failure."""
-    settings = make_settings(tmp_path, upstream, breaker_min_calls=2, breaker_cooldown=60)
+    settings = make_settings(
+        tmp_path, upstream, breaker_min_calls=2, breaker_cooldown=60, image_fetch_deadline=1.0
+    )
     with TinyHost() as stranger, running_service(settings) as running:
         check_in(running)
         ids = []
@@ -686,9 +713,9 @@ def test_refused_image_origins_do_not_open_the_circuit_breaker(tmp_path, upstrea
             answer = running.http.post(GENERATE, json={"prompt": "a", "fingerprint": FINGERPRINT})
             ids.append(answer.json()["data"]["id"])
             upstream.set_task(ids[-1], status="success", data=[{"url": stranger.origin + "/a"}])
-            assert running.http.get(f"/api/images/tasks/{ids[-1]}").json()["data"]["image"]
+            assert wait_finished(running, ids[-1])["status"] == "failed"
         for task_id in ids:  # three refusals in a row, nothing in between
             answer = running.http.get(f"/api/images/tasks/{task_id}/image")
-            assert_envelope(answer, 502, "upstream_failed")
+            refused(answer)
         assert stranger.seen == []
         assert running.service.upstream.http.breakers["image"].is_open is False

@@ -180,14 +180,14 @@ def test_keys_are_freed_after_their_time(tmp_path, upstream, logs):
 # -- a database that fails after the charge ------------------------------------------------
 
 
-def fail_the_hand_over(running) -> list[int]:
-    """Make the store fail the write that hands a task's answer over (the charge landed)."""
+def fail_the_outcome(running) -> list[int]:
+    """Make the store fail the write of a submission's outcome (the charge landed)."""
     store = running.service.store
     real = store.apply
     failed: list[int] = []
 
     async def flaky(row, decision, *, owner=None):
-        if decision.hand:
+        if decision.keep_lease:
             failed.append(1)
             raise StoreUnavailable(detail="connection lost")
         return await real(row, decision, owner=owner)
@@ -203,7 +203,7 @@ def test_a_database_failure_after_the_charge_is_503_and_the_credit_comes_back(
     settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
     with running_service(settings) as running:
         check_in(running)
-        failed = fail_the_hand_over(running)
+        failed = fail_the_outcome(running)
         answer = generate(running, key=None)
         body = assert_envelope(answer, 503, "store_unavailable")
         assert answer.headers["retry-after"] == "2" and body["retryAfter"] == 2
@@ -220,7 +220,7 @@ def test_after_a_database_failure_the_same_key_gets_the_task(tmp_path, upstream,
     settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
     with running_service(settings) as running:
         check_in(running)
-        fail_the_hand_over(running)
+        fail_the_outcome(running)
         assert generate(running, key="db-down").status_code == 503
         del running.service.store.apply
         answer = generate(running, key="db-down")
@@ -235,3 +235,56 @@ def test_after_a_database_failure_the_same_key_gets_the_task(tmp_path, upstream,
         assert len(upstream.tasks) == 1
         running.run(running.app.state.reconciler.run_once())
         assert balance(running) == 9 and audit(running).ok
+
+
+# -- the answer must leave before the task is the client's ------------------------------------
+
+
+def test_a_failure_recording_the_delivery_refunds_the_task(tmp_path, upstream, logs):
+    """The answer left, but the database failed when it was to record that: the task may
+    not be the client's, so it is refunded (the client keeps its task, in its favour)."""
+    settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
+    with running_service(settings) as running:
+        check_in(running)
+        store = running.service.store
+        real = store.apply
+
+        async def flaky(row, decision, *, owner=None):
+            if decision.hand:
+                raise StoreUnavailable(detail="connection lost")
+            return await real(row, decision, owner=owner)
+
+        store.apply = flaky
+        answer = generate(running, key=None)
+        assert answer.status_code == 200, answer.text
+        task_id = answer.json()["data"]["id"]
+        deadline = time.monotonic() + 5
+        while not any("cannot record its delivery" in line for line in logs.lines):
+            assert time.monotonic() < deadline, "the delivery write was not given up"
+            time.sleep(0.05)
+        del store.apply
+        time.sleep(0.6)  # the request's lease lapses
+        running.run(running.app.state.reconciler.run_once())
+        row = ledger(running, task_id)
+        assert row.refunded and not row.handed
+        assert balance(running) == 10 and audit(running).ok
+
+
+def test_a_client_gone_before_its_answer_does_not_pay(tmp_path, upstream, logs):
+    """Found by the chaos run: the answer was marked handed before it was sent."""
+    settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
+    with running_service(settings) as running:
+        check_in(running)
+        upstream.delay(GENERATIONS, 1.0, times=1)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                running.url + "/api/images/generate",
+                json={"prompt": "a red fox", "fingerprint": FINGERPRINT},
+                timeout=httpx.Timeout(10, read=0.3),
+            )
+        time.sleep(1.5)  # the submission finishes after the client left
+        running.run(running.app.state.reconciler.run_once())
+        (task_id,) = [r.json["client_task_id"] for r in upstream.recorded(GENERATIONS)]
+        row = ledger(running, task_id)
+        assert row.refunded and not row.handed
+        assert balance(running) == 10 and audit(running).ok

@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import FINGERPRINT, balance, check_in, make_settings
+from tests.conftest import FINGERPRINT, balance, check_in, make_settings, wait_finished
 from tests.fake_upstream import make_png
 from tests.service_runner import running_service
 
@@ -176,9 +176,7 @@ def test_lost_edit_is_resubmitted_with_its_reference_then_the_file_is_dropped(se
     assert resent.files["image"].filename == "ref.png"
     assert resent.form["client_task_id"] == task["id"]
     upstream.complete_task(task["id"])
-    assert (
-        service.http.get(f"/api/images/tasks/{task['id']}").json()["data"]["status"] == "completed"
-    )
+    assert wait_finished(service, task["id"])["status"] == "completed"
     from pathlib import Path
 
     assert not Path(path).exists()
@@ -281,8 +279,7 @@ def test_another_instance_takes_a_row_only_when_its_lease_lapsed(tmp_path, upstr
         task = pending["answer"].json()["data"]
         assert task["status"] == "queued" and len(upstream.recorded(GENERATIONS)) == 1
         upstream.complete_task(task["id"])
-        polled = second.http.get(f"/api/images/tasks/{task['id']}").json()["data"]
-        assert polled["status"] == "completed"
+        assert wait_finished(second, task["id"])["status"] == "completed"
         assert balance(first) == 9 and audit(second).ok
 
 
@@ -305,7 +302,7 @@ def test_a_stale_missing_never_fails_a_resubmitted_task(tmp_path, upstream, logs
         row = ledger(running, task["id"])
         assert row.state == "queued" and not row.refunded
         running.service.answers.forget(task["id"])  # as if the interval had passed
-        assert running.http.get(url).json()["data"]["status"] == "completed"
+        assert wait_finished(running, task["id"])["status"] == "completed"
         assert running.http.get(url + "/image").status_code == 200
         assert balance(running) == 9 and audit(running).ok
 
@@ -332,7 +329,7 @@ def test_hanging_resubmissions_do_not_delay_refunds(tmp_path, upstream, logs):
     settings = make_settings(
         tmp_path,
         upstream,
-        submit_timeout=3.0,
+        submit_timeout=10.0,  # the held resubmissions are released well before this
         submit_attempts=1,
         resubmit_concurrency=8,
         breaker_min_calls=1000,
@@ -381,9 +378,7 @@ def test_finished_tasks_are_answered_from_the_ledger(service, upstream):
     done, failed = generate(service, "one"), generate(service, "two")
     upstream.complete_task(done["id"], revised_prompt="revised one")
     upstream.fail_task(failed["id"], "nope")
-    first = [
-        service.http.get(f"/api/images/tasks/{t['id']}").json()["data"] for t in (done, failed)
-    ]
+    first = [wait_finished(service, t["id"]) for t in (done, failed)]
     before = len(upstream.recorded("/api/image-tasks", method="GET"))
     again = [
         service.http.get(f"/api/images/tasks/{t['id']}").json()["data"] for t in (done, failed)

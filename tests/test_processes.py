@@ -49,6 +49,14 @@ def ledger_rows(data_dir: Path) -> list[tuple]:
         conn.close()
 
 
+def handed(data_dir: Path) -> bool:
+    conn = sqlite3.connect(data_dir / "scenemint.sqlite3")
+    try:
+        return all(row[0] is not None for row in conn.execute("SELECT handed_at FROM tasks"))
+    finally:
+        conn.close()
+
+
 def audit(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "scenemint", "credits", "audit"],
@@ -137,7 +145,7 @@ def test_a_client_coming_back_with_its_key_gets_the_task_of_a_killed_request(ups
     env = env_for(
         upstream,
         SCENEMINT_DATA_DIR=str(tmp_path / "data"),
-        SCENEMINT_LEASE_SECONDS="2",
+        SCENEMINT_LEASE_SECONDS="6",  # the client comes back before the lease lapses
         SCENEMINT_RECONCILE_INTERVAL="3600",
     )
     task_id = kill_during_submission(upstream, tmp_path, env, key="retry-me-1")
@@ -183,6 +191,8 @@ def test_a_task_answered_before_a_sigkill_is_settled_after_restart(upstream, tmp
         httpx.post(first.url + "/api/quota/check-in", json={"fingerprint": FP}, timeout=10)
         answer = post_generate(first.url)
         assert answer.json()["data"]["status"] == "queued"
+        # the answer left; once the service has recorded that, the task is the client's
+        wait_until(lambda: handed(tmp_path / "data"), what="the delivery to be recorded")
         first.kill()
     finally:
         first.stop()
@@ -193,8 +203,12 @@ def test_a_task_answered_before_a_sigkill_is_settled_after_restart(upstream, tmp
         wait_until(lambda: ledger_rows(tmp_path / "data")[0][1] == "queued", what="the reconciler")
         assert balance(second.url) == 9
         upstream.complete_task(task_id)
-        polled = httpx.get(f"{second.url}/api/images/tasks/{task_id}", timeout=10).json()["data"]
-        assert polled["status"] == "completed"
+
+        def completed() -> bool:
+            url = f"{second.url}/api/images/tasks/{task_id}"
+            return httpx.get(url, timeout=10).json()["data"]["status"] == "completed"
+
+        wait_until(completed, what="the image copy")
     finally:
         second.stop()
 

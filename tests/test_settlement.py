@@ -13,8 +13,11 @@ from scenemint.settlement import (
     Abandoned,
     Accepted,
     Decision,
+    Delivered,
     ErrorCode,
+    FetchFailed,
     Guard,
+    ImageRecord,
     Limits,
     Missing,
     ReferenceGone,
@@ -22,12 +25,14 @@ from scenemint.settlement import (
     Resubmit,
     Seen,
     State,
+    Stored,
     Unknown,
     decide,
 )
 
 NOW = 1_000_000.0
-LIMITS = Limits(resubmit_window=600, task_max_age=1800)
+LIMITS = Limits(resubmit_window=600, task_max_age=1800, fetch_deadline=300)
+IMAGE = ImageRecord(key="ab/ab" + "0" * 62, content_type="image/png", size=5, width=1, height=1)
 
 
 @dataclass(frozen=True)
@@ -36,6 +41,8 @@ class Row:
     created_at: float = NOW - 10
     handed_at: float | None = NOW - 9
     lease_until: float = 0.0
+    upstream_done_at: float | None = None
+    fetch_attempts: int = 0
 
 
 def upstream(status: str, url: str | None = "http://u/x.png", error: str | None = None):
@@ -58,10 +65,20 @@ OBSERVATIONS = [
     Missing(),
     Abandoned(),
     ReferenceGone(),
+    Stored(IMAGE),
+    FetchFailed("HTTP 500"),
+    FetchFailed("origin not allowed", final=True),
+    Delivered(),
 ]
-OWNER_OBSERVATIONS = (Accepted, Refused, Unknown, ReferenceGone)
+OWNER_OBSERVATIONS = (Accepted, Refused, Unknown, ReferenceGone, Stored, FetchFailed, Delivered)
 ROWS = [
-    Row(state=str(state), created_at=NOW - age, handed_at=handed, lease_until=lease)
+    Row(
+        state=str(state),
+        created_at=NOW - age,
+        handed_at=handed,
+        lease_until=lease,
+        upstream_done_at=NOW - age / 2 if state is State.FETCHING else None,
+    )
     for state, age, handed, lease in itertools.product(
         State, (10, 700, 2000), (NOW - 9, None), (0.0, NOW - 1, NOW + 30)
     )
@@ -92,25 +109,24 @@ def test_every_step_keeps_the_money_rules(row):
             else:
                 assert step.guard is Guard.FREE and free, "others act only on a free row"
             if step.hand:
-                assert hand
-            if (
-                row.handed_at is None
-                and not hand
-                and row.state == State.SUBMITTING
-                and step.guard is Guard.FREE
-            ):
+                assert hand or isinstance(observation, Delivered)
+            if row.handed_at is None and step.guard is Guard.FREE:
+                # nobody may follow the upstream for a task whose answer never left
                 assert step.error_code is ErrorCode.NOT_DELIVERED
+            if step.state is State.COMPLETED:
+                assert step.image is not None, "completed means the image is ours"
 
 
 @pytest.mark.parametrize("state", [State.QUEUED, State.RUNNING, State.SUBMITTING])
-def test_a_task_completed_upstream_and_handed_is_never_refunded(state):
+def test_a_task_completed_upstream_and_handed_is_fetched_never_refunded(state):
     row = Row(state=str(state))
     for observation in (Accepted(upstream("completed")), Seen(upstream("completed"))):
         step = decide(row, observation, now=NOW, limits=LIMITS)
         if isinstance(observation, Accepted) and state != State.SUBMITTING:
             assert step is None
             continue
-        assert isinstance(step, Decision) and step.state is State.COMPLETED
+        assert isinstance(step, Decision) and step.state is State.FETCHING
+        assert step.upstream_done and step.image_url == "http://u/x.png"
 
 
 def test_an_answer_that_never_left_is_refunded_whatever_the_upstream_says():
@@ -136,7 +152,8 @@ def test_a_live_lease_keeps_everyone_but_its_owner_out():
     [
         (Accepted(upstream("queued")), State.QUEUED, None),
         (Accepted(upstream("running")), State.RUNNING, None),
-        (Accepted(upstream("completed")), State.COMPLETED, None),
+        (Accepted(upstream("completed")), State.FETCHING, None),
+        (Accepted(upstream("completed", url="/relative.png")), State.FAILED, ErrorCode.NO_IMAGE),
         (Accepted(upstream("completed", url=None)), State.FAILED, ErrorCode.NO_IMAGE),
         (Accepted(upstream("failed")), State.FAILED, ErrorCode.UPSTREAM),
         (Refused("400"), State.FAILED, ErrorCode.REFUSED),
@@ -171,6 +188,54 @@ def test_the_age_limit_fails_any_unfinished_free_row():
         step = decide(old, Abandoned(), now=NOW, limits=LIMITS)
         assert isinstance(step, Decision) and step.error_code is ErrorCode.TIMED_OUT
         assert decide(Row(state=state), Abandoned(), now=NOW, limits=LIMITS) is None
+
+
+def fetching(**values: object) -> Row:
+    fields: dict = {"state": "fetching", "upstream_done_at": NOW - 10, "lease_until": NOW + 30}
+    fields.update(values)
+    return Row(**fields)
+
+
+def test_a_stored_image_completes_the_task():
+    step = decide(fetching(), Stored(IMAGE), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision)
+    assert (step.state, step.guard, step.image) == (State.COMPLETED, Guard.OWNER, IMAGE)
+
+
+def test_a_failed_copy_is_tried_again_with_a_growing_pause_until_the_fetch_deadline():
+    pauses = []
+    for attempts in range(8):
+        step = decide(fetching(fetch_attempts=attempts), FetchFailed("500"), now=NOW, limits=LIMITS)
+        assert isinstance(step, Decision) and step.state is State.FETCHING
+        assert not step.refunds and step.fetch_error == "500"
+        pauses.append(step.retry_in)
+    assert pauses == sorted(pauses) and pauses[0] == 1 and pauses[-1] == LIMITS.fetch_backoff_max
+    late = fetching(upstream_done_at=NOW - 301)
+    step = decide(late, FetchFailed("500"), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.IMAGE_UNAVAILABLE
+
+
+def test_a_copy_that_can_never_work_fails_at_once():
+    step = decide(fetching(), FetchFailed("forbidden", final=True), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.IMAGE_UNAVAILABLE
+
+
+def test_the_fetch_deadline_not_the_age_limit_ends_a_fetching_task():
+    old_task = fetching(created_at=NOW - 5000, upstream_done_at=NOW - 10, lease_until=0.0)
+    assert decide(old_task, Abandoned(), now=NOW, limits=LIMITS) is None
+    stalled = fetching(upstream_done_at=NOW - 301, lease_until=0.0)
+    step = decide(stalled, Abandoned(), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.IMAGE_UNAVAILABLE
+    assert step.guard is Guard.FREE
+    assert decide(fetching(upstream_done_at=NOW - 301), Abandoned(), now=NOW, limits=LIMITS) is None
+
+
+def test_delivery_hands_the_task_over_and_moves_no_money():
+    for state in ("submitting", "queued", "running", "fetching"):
+        step = decide(Row(state=state, handed_at=None), Delivered(), now=NOW, limits=LIMITS)
+        assert isinstance(step, Decision)
+        assert (step.state, step.hand, step.refunds) == (State(state), True, False)
+    assert decide(Row(state="failed", handed_at=None), Delivered(), now=NOW, limits=LIMITS) is None
 
 
 def test_nothing_changed_is_no_write():

@@ -1,4 +1,4 @@
-from tests.conftest import FINGERPRINT, balance, check_in
+from tests.conftest import FINGERPRINT, balance, check_in, wait_finished
 
 
 def test_generate_then_poll_to_completion(service, upstream):
@@ -10,7 +10,7 @@ def test_generate_then_poll_to_completion(service, upstream):
     task = answer.json()["data"]
     assert task["remainingCredits"] == 9
     upstream.complete_task(task["id"])
-    polled = service.http.get(f"/api/images/tasks/{task['id']}").json()["data"]
+    polled = wait_finished(service, task["id"])
     assert polled["status"] == "completed"
     image = service.http.get(polled["image"])
     assert image.status_code == 200

@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import FINGERPRINT, balance, check_in
+from tests.conftest import FINGERPRINT, balance, check_in, wait_finished
 from tests.fake_upstream import TINY_PNG, FakeUpstream
 from tests.service_runner import RunningService
 
@@ -81,7 +81,7 @@ def test_success_and_completed_map_to_completed_with_an_image_path(
     upstream.set_task(
         task["id"], status=upstream_status, data=[{"url": url, "revised_prompt": "a fox, red"}]
     )
-    polled = poll(service, task["id"])
+    polled = wait_finished(service, task["id"])
     assert polled["status"] == "completed"
     assert polled["image"] == f"/api/images/tasks/{task['id']}/image"
     assert polled["revisedPrompt"] == "a fox, red"
@@ -259,7 +259,7 @@ def test_a_completed_task_is_answered_from_the_ledger(service, upstream):
     check_in(service)
     task = generate(service)
     upstream.complete_task(task["id"], revised_prompt="a fox")
-    first = poll(service, task["id"])
+    first = wait_finished(service, task["id"])
     assert first["status"] == "completed"
     sent = polls_sent(upstream)
     upstream.forget_task(task["id"])  # even a forgetful upstream cannot change it now
@@ -322,6 +322,7 @@ def test_a_completed_task_keeps_its_charge(service, upstream):
     check_in(service)
     task = generate(service)
     upstream.complete_task(task["id"])
+    assert wait_finished(service, task["id"])["status"] == "completed"
     for _ in range(3):
         assert poll(service, task["id"])["status"] == "completed"
     assert balance(service) == 9

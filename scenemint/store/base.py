@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..settlement import FINISHED, Decision, State
+from ..settlement import FINISHED, Decision, ImageRecord, State
 
 DAILY_GRANT = 10
 CAP = 100
@@ -80,6 +80,16 @@ class LedgerTask:
     reference_type: str | None
     created_at: float
     updated_at: float
+    image_key: str | None = None
+    image_type: str | None = None
+    image_bytes: int | None = None
+    image_width: int | None = None
+    image_height: int | None = None
+    image_stored_at: float | None = None
+    image_expired_at: float | None = None
+    upstream_done_at: float | None = None
+    fetch_attempts: int = 0
+    fetch_error: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -161,6 +171,50 @@ class Store(QuotaStore, Protocol):
 
     async def settleable(self, *, limit: int) -> list[LedgerTask]:
         """Unfinished rows that no live lease holds, oldest first."""
+        ...
+
+    async def claim_fetching(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
+        """Lease up to `limit` `fetching` rows nobody holds (their images are to be copied);
+        on PostgreSQL several instances claim side by side (`FOR UPDATE SKIP LOCKED`)."""
+        ...
+
+    async def claim_legacy_copy(
+        self, row: LedgerTask, *, owner: str, seconds: float
+    ) -> LedgerTask | None:
+        """Lease a completed row whose image was never copied (completed before the image
+        store existed); None when someone else holds it."""
+        ...
+
+    async def attach_image(
+        self, row: LedgerTask, image: ImageRecord, *, owner: str
+    ) -> LedgerTask | None:
+        """Record the copied image of a legacy completed row we hold (no money moves)."""
+        ...
+
+    async def claim_named(self, name: str, *, owner: str, seconds: float) -> bool:
+        """Take (or renew) a named lease, such as the retention sweep's."""
+        ...
+
+    async def expire_images(self, *, stored_before: float, limit: int) -> int:
+        """Mark the images stored before `stored_before` expired; how many were marked."""
+        ...
+
+    async def purgeable_keys(self, *, limit: int) -> list[str]:
+        """Keys of expired images that no unexpired task still uses, not yet removed."""
+        ...
+
+    async def image_purged(self, key: str) -> None: ...
+
+    async def image_keys(self) -> dict[str, str]:
+        """Every image key the ledger knows -> "live" or "expired" (for the audit)."""
+        ...
+
+    async def images_pending_copy(self) -> int:
+        """Completed rows of before the image store whose image is not copied yet."""
+        ...
+
+    async def stored_bytes(self) -> int:
+        """Bytes of the distinct live images (for the metric)."""
         ...
 
     async def forget_keys(self, *, created_before: float) -> int: ...

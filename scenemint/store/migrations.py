@@ -97,6 +97,33 @@ _V4 = [
 ]
 
 
+# the image store: a completed task's image is ours (content-hash key, type, size,
+# dimensions), copied while the task is `fetching`; retention marks and purges; named leases
+# for work one instance at a time does (the retention sweep)
+_V5 = [
+    "ALTER TABLE tasks ADD COLUMN image_key TEXT",
+    "ALTER TABLE tasks ADD COLUMN image_type TEXT",
+    "ALTER TABLE tasks ADD COLUMN image_bytes INTEGER",
+    "ALTER TABLE tasks ADD COLUMN image_width INTEGER",
+    "ALTER TABLE tasks ADD COLUMN image_height INTEGER",
+    "ALTER TABLE tasks ADD COLUMN image_stored_at {real}",
+    "ALTER TABLE tasks ADD COLUMN image_expired_at {real}",
+    "ALTER TABLE tasks ADD COLUMN image_purged INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN upstream_done_at {real}",
+    "ALTER TABLE tasks ADD COLUMN fetch_attempts INTEGER NOT NULL DEFAULT 0",
+    "ALTER TABLE tasks ADD COLUMN fetch_error TEXT",
+    "DROP INDEX tasks_unfinished",
+    "CREATE INDEX tasks_unfinished ON tasks (created_at)"
+    " WHERE state IN ('submitting', 'queued', 'running', 'fetching')",
+    "CREATE INDEX tasks_fetching ON tasks (lease_until) WHERE state = 'fetching'",
+    "CREATE INDEX tasks_image_key ON tasks (image_key) WHERE image_key IS NOT NULL",
+    "CREATE INDEX tasks_images_live ON tasks (image_stored_at)"
+    " WHERE image_key IS NOT NULL AND image_expired_at IS NULL",
+    "CREATE TABLE leases (name TEXT PRIMARY KEY, owner TEXT, lease_until {real} NOT NULL)",
+    "INSERT INTO leases (name, owner, lease_until) VALUES ('sweep', NULL, 0)",
+]
+
+
 def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
     types = _TYPES[dialect]
     return [
@@ -104,4 +131,5 @@ def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
         (2, list(_APPEND_ONLY[dialect])),
         (3, [statement.format(**types) for statement in _V3]),
         (4, [statement.format(**types) for statement in _V4]),
+        (5, [statement.format(**types) for statement in _V5]),
     ]

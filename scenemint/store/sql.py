@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ..errors import NoCredits, ScenemintError, StoreRejected, StoreUnavailable
-from ..settlement import UNFINISHED, Decision, Guard, State
+from ..settlement import UNFINISHED, Decision, Guard, ImageRecord, State
 from .base import (
     CAP,
     DAILY_GRANT,
@@ -55,10 +55,13 @@ Row = tuple[Any, ...]
 _TASK_COLUMNS = (
     "id, fingerprint, mode, prompt, size, state, version, refunded, lease_owner, lease_until,"
     " handed_at, idempotency_key, request_hash, image_url, revised_prompt, error_code, error,"
-    " reference_path, reference_name, reference_type, created_at, updated_at"
+    " reference_path, reference_name, reference_type, created_at, updated_at,"
+    " image_key, image_type, image_bytes, image_width, image_height, image_stored_at,"
+    " image_expired_at, upstream_done_at, fetch_attempts, fetch_error"
 )
 _UNFINISHED = "('" + "','".join(sorted(UNFINISHED)) + "')"
 _FINISHED = "('completed','failed')"
+_LIVE_IMAGE = "image_key IS NOT NULL AND image_expired_at IS NULL"
 _CLOCK_CHECK_SECONDS = 60.0
 
 
@@ -473,6 +476,7 @@ class SQLStore:
             guard = " AND lease_owner = ?" if decision.guard is Guard.OWNER else ""
             guard += " AND lease_until <= ?" if decision.guard is Guard.FREE else ""
             guard += " AND refunded = 0" if failed else ""
+            image = decision.image
             params: list[Any] = [
                 str(decision.state),
                 1 if failed else 0,
@@ -481,6 +485,19 @@ class SQLStore:
                 decision.revised_prompt,
                 str(decision.error_code) if decision.error_code else None,
                 decision.error,
+                1 if decision.keep_lease else 0,
+                1 if decision.keep_lease else 0,
+                # a copy to try again later: nobody holds the row, nobody takes it before then
+                now + decision.retry_in if decision.retry_in is not None else 0.0,
+                now if decision.upstream_done else None,
+                1 if decision.fetch_error is not None else 0,
+                decision.fetch_error,
+                image.key if image else None,
+                image.content_type if image else None,
+                image.size if image else None,
+                image.width if image else None,
+                image.height if image else None,
+                now if image else None,
                 now,
                 row.id,
                 row.version,
@@ -497,7 +514,14 @@ class SQLStore:
                 " image_url = COALESCE(?, image_url),"
                 " revised_prompt = COALESCE(?, revised_prompt),"
                 " error_code = ?, error = ?,"
-                " lease_owner = NULL, lease_until = 0, updated_at = ?"
+                " lease_owner = CASE WHEN ? = 1 THEN lease_owner ELSE NULL END,"
+                " lease_until = CASE WHEN ? = 1 THEN lease_until ELSE ? END,"
+                " upstream_done_at = COALESCE(upstream_done_at, ?),"
+                " fetch_attempts = fetch_attempts + ?, fetch_error = COALESCE(?, fetch_error),"
+                " image_key = COALESCE(?, image_key), image_type = COALESCE(?, image_type),"
+                " image_bytes = COALESCE(?, image_bytes), image_width = COALESCE(?, image_width),"
+                " image_height = COALESCE(?, image_height),"
+                " image_stored_at = COALESCE(?, image_stored_at), updated_at = ?"
                 f" WHERE id = ? AND version = ? AND state = ? AND state IN {_UNFINISHED}{guard}"
                 f" RETURNING {_TASK_COLUMNS}",
                 *params,
@@ -567,6 +591,168 @@ class SQLStore:
             )
         )
         return [_ledger_task(row) for row in rows]
+
+    async def claim_fetching(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
+        await self._check_clock()
+        now = self.now()
+
+        def run(tx: Tx) -> list[LedgerTask]:
+            skip = " FOR UPDATE SKIP LOCKED" if tx.for_update else ""
+            rows = tx.all(
+                "UPDATE tasks SET lease_owner = ?, lease_until = ?, version = version + 1"
+                " WHERE id IN (SELECT id FROM tasks WHERE state = 'fetching' AND lease_until <= ?"
+                " AND handed_at IS NOT NULL"
+                f" ORDER BY lease_until, upstream_done_at LIMIT ?{skip})"
+                f" AND state = 'fetching' AND lease_until <= ? RETURNING {_TASK_COLUMNS}",
+                owner,
+                now + seconds,
+                now,
+                limit,
+                now,
+            )
+            return [_ledger_task(row) for row in rows]
+
+        return await self._call(self._write(run))
+
+    async def claim_legacy_copy(
+        self, row: LedgerTask, *, owner: str, seconds: float
+    ) -> LedgerTask | None:
+        await self._check_clock()
+        now = self.now()
+
+        def run(tx: Tx) -> LedgerTask | None:
+            written = tx.one(
+                "UPDATE tasks SET lease_owner = ?, lease_until = ?, version = version + 1"
+                " WHERE id = ? AND version = ? AND lease_until <= ? AND state = 'completed'"
+                f" AND image_key IS NULL RETURNING {_TASK_COLUMNS}",
+                owner,
+                now + seconds,
+                row.id,
+                row.version,
+                now,
+            )
+            return _ledger_task(written) if written else None
+
+        return await self._call(self._write(run))
+
+    async def attach_image(
+        self, row: LedgerTask, image: ImageRecord, *, owner: str
+    ) -> LedgerTask | None:
+        now = self.now()
+
+        def run(tx: Tx) -> LedgerTask | None:
+            written = tx.one(
+                "UPDATE tasks SET image_key = ?, image_type = ?, image_bytes = ?,"
+                " image_width = ?, image_height = ?, image_stored_at = ?,"
+                " lease_owner = NULL, lease_until = 0, version = version + 1"
+                " WHERE id = ? AND version = ? AND lease_owner = ? AND state = 'completed'"
+                f" AND image_key IS NULL RETURNING {_TASK_COLUMNS}",
+                image.key,
+                image.content_type,
+                image.size,
+                image.width,
+                image.height,
+                now,
+                row.id,
+                row.version,
+                owner,
+            )
+            return _ledger_task(written) if written else None
+
+        return await self._call(self._write(run))
+
+    async def claim_named(self, name: str, *, owner: str, seconds: float) -> bool:
+        await self._check_clock()
+        now = self.now()
+        changed = await self._call(
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE leases SET owner = ?, lease_until = ?"
+                    " WHERE name = ? AND (lease_until <= ? OR owner = ?)",
+                    owner,
+                    now + seconds,
+                    name,
+                    now,
+                    owner,
+                )
+            )
+        )
+        return changed == 1
+
+    async def expire_images(self, *, stored_before: float, limit: int) -> int:
+        now = self.now()
+        return await self._call(
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE tasks SET image_expired_at = ?, version = version + 1"
+                    f" WHERE id IN (SELECT id FROM tasks WHERE {_LIVE_IMAGE}"
+                    " AND image_stored_at < ? ORDER BY image_stored_at LIMIT ?)",
+                    now,
+                    stored_before,
+                    limit,
+                )
+            )
+        )
+
+    async def purgeable_keys(self, *, limit: int) -> list[str]:
+        rows = await self._call(
+            self._read(
+                lambda tx: tx.all(
+                    "SELECT DISTINCT image_key FROM tasks WHERE image_key IS NOT NULL"
+                    " AND image_expired_at IS NOT NULL AND image_purged = 0"
+                    " AND image_key NOT IN (SELECT image_key FROM tasks"
+                    f" WHERE {_LIVE_IMAGE}) LIMIT ?",
+                    limit,
+                )
+            )
+        )
+        return [str(row[0]) for row in rows]
+
+    async def image_purged(self, key: str) -> None:
+        await self._call(
+            self._write(
+                lambda tx: tx.run(
+                    "UPDATE tasks SET image_purged = 1 WHERE image_key = ?"
+                    " AND image_expired_at IS NOT NULL",
+                    key,
+                )
+            )
+        )
+
+    async def image_keys(self) -> dict[str, str]:
+        rows = await self._call(
+            self._read(
+                lambda tx: tx.all(
+                    "SELECT image_key, MIN(CASE WHEN image_expired_at IS NULL THEN 0 ELSE 1 END),"
+                    " MIN(image_purged) FROM tasks WHERE image_key IS NOT NULL GROUP BY image_key"
+                )
+            )
+        )
+        found = {}
+        for key, expired, purged in rows:
+            found[str(key)] = "live" if not expired else ("purged" if purged else "expired")
+        return found
+
+    async def images_pending_copy(self) -> int:
+        row = await self._call(
+            self._read(
+                lambda tx: tx.one(
+                    "SELECT COUNT(*) FROM tasks WHERE state = 'completed' AND image_key IS NULL"
+                )
+            )
+        )
+        return int(row[0]) if row else 0
+
+    async def stored_bytes(self) -> int:
+        row = await self._call(
+            self._read(
+                lambda tx: tx.one(
+                    "SELECT COALESCE(SUM(size), 0) FROM (SELECT image_key, MAX(image_bytes) AS size"
+                    f" FROM tasks WHERE {_LIVE_IMAGE} GROUP BY image_key) AS live"
+                )
+            )
+        )
+        return int(row[0]) if row else 0
 
     async def forget_keys(self, *, created_before: float) -> int:
         """Free idempotency keys older than the time they must be kept."""
@@ -657,7 +843,25 @@ def _ledger_task(row: Sequence[Any]) -> LedgerTask:
         reference_type=row[19],
         created_at=float(row[20]),
         updated_at=float(row[21]),
+        image_key=row[22],
+        image_type=row[23],
+        image_bytes=_int_or_none(row[24]),
+        image_width=_int_or_none(row[25]),
+        image_height=_int_or_none(row[26]),
+        image_stored_at=_float_or_none(row[27]),
+        image_expired_at=_float_or_none(row[28]),
+        upstream_done_at=_float_or_none(row[29]),
+        fetch_attempts=int(row[30] or 0),
+        fetch_error=row[31],
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value is not None else None
+
+
+def _float_or_none(value: Any) -> float | None:
+    return float(value) if value is not None else None
 
 
 def _audit(tx: Tx) -> AuditReport:

@@ -16,6 +16,8 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
+from ..images import open_image_store
+from ..jobs import Copier, Sweeper
 from ..metrics import Metrics
 from ..reconciler import Reconciler
 from ..service import ImageService
@@ -68,15 +70,24 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
                     "upstream not configured (CHATGPT2API_BASE_URL / CHATGPT2API_API_KEY):"
                     " image requests will answer 503"
                 )
+            images = open_image_store(
+                settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
+            )
+            stack.push_async_callback(images.close)
             service = ImageService(
-                settings=settings, store=store, upstream=upstream, metrics=metrics
+                settings=settings, store=store, upstream=upstream, metrics=metrics, images=images
             )
             stack.enter_context(_end_streams_on_sigterm(service))
             reconciler = Reconciler(service)
-            reconciler.start()
-            stack.push_async_callback(reconciler.stop)
+            copier = Copier(service)
+            sweeper = Sweeper(service)
+            for job in (reconciler, copier, sweeper):
+                job.start()
+                stack.push_async_callback(job.stop)
             app.state.service = service
             app.state.reconciler = reconciler
+            app.state.copier = copier
+            app.state.sweeper = sweeper
             yield
 
     metrics = Metrics()

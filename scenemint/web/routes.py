@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.background import BackgroundTask
 from starlette.responses import Response
 
 from ..messages import prefers_chinese
@@ -13,6 +14,7 @@ from ..service import ImageService
 from ..validation import clean_fingerprint
 from .bodies import read_generate, read_json
 from .envelope import ok, ok_body_encoded
+from .images import serve_image
 from .streaming import ClosingStreamResponse, unless_client_leaves
 
 
@@ -23,8 +25,6 @@ def get_service(request: Request) -> ImageService:
 
 ServiceDep = Annotated[ImageService, Depends(get_service)]
 router = APIRouter()
-
-_IMMUTABLE = "public, max-age=31536000, immutable"
 
 
 def _json_body(schema: dict[str, Any], *, multipart: bool = False) -> dict[str, Any]:
@@ -89,14 +89,21 @@ async def generate(request: Request, service: ServiceDep) -> Response:
         json_limit=service.settings.max_json_bytes,
         image_limit=service.settings.max_reference_bytes,
     )
-    task = await service.generate(
+    delivery = await service.generate_answer(
         prompt=body.prompt,
         size=body.size,
         fingerprint=body.fingerprint,
         reference=body.reference,
         idempotency_key=request.headers.get("idempotency-key"),
     )
-    return ok(task.to_json(chinese=_chinese(request)))
+    if await request.is_disconnected():  # nobody to give the task to: refunded
+        await delivery.undelivered()
+        return Response(status_code=499)
+    # the task is the client's once its answer has been sent, not before (a crash in
+    # between refunds it): the delivery is recorded after the body went out
+    answer = ok(delivery.task.to_json(chinese=_chinese(request)))
+    answer.background = BackgroundTask(delivery.delivered)
+    return answer
 
 
 @router.get("/api/images/tasks/{task_id}")
@@ -115,29 +122,10 @@ def _chinese(request: Request) -> bool:
 @router.get("/api/images/tasks/{task_id}/image")
 @router.head("/api/images/tasks/{task_id}/image", operation_id="head_task_image")
 async def get_image(task_id: str, request: Request, service: ServiceDep) -> Response:
-    """The finished image, streamed from the upstream. Immutable: cacheable forever."""
-    etag = f'"{task_id}"'
-    # the id names one image forever, but only answer 304 for a task that is really ours
-    if request.headers.get("if-none-match") in (etag, "*") and await service.image_available(
-        task_id
-    ):
-        return Response(status_code=304, headers={"ETag": etag, "Cache-Control": _IMMUTABLE})
-    download = await service.open_image(task_id)
-    headers = {
-        "Cache-Control": _IMMUTABLE,
-        "ETag": download.etag,
-        "X-Content-Type-Options": "nosniff",
-    }
-    if download.content_length is not None:
-        headers["Content-Length"] = str(download.content_length)
-    return ClosingStreamResponse(
-        download.chunks,
-        close=download.aclose,
-        gauge=service.metrics.open_streams.labels("image"),
-        headers=headers,
-        media_type=download.content_type,
-        head_only=request.method == "HEAD",
-    )
+    """The finished image, from our image store. Immutable: cacheable for ever; single
+    ranges, conditional requests, and (SCENEMINT_IMAGE_REDIRECT=presigned) redirects."""
+    image = await service.image(task_id)
+    return await serve_image(request, image, service.settings)
 
 
 @router.post("/api/prompts/enhance", openapi_extra=_json_body(_ENHANCE))

@@ -1,0 +1,161 @@
+"""Work that outlives a request, claimed by lease in the database: image copies and the
+retention sweep.
+
+The copier: a task whose upstream finished is `fetching` until its image is in our image
+store. Every instance runs up to `SCENEMINT_COPY_CONCURRENCY` copies; a row is copied only
+by the instance that leased it (`claim_fetching`; on PostgreSQL `FOR UPDATE SKIP LOCKED`),
+so each image is downloaded once however many pollers and instances see the task. A copy
+that fails leaves the row unleased for a back-off and is tried again — by any instance —
+until the fetch deadline, which fails and refunds the task (`settlement`). A process killed
+mid-copy loses its lease; the next holder copies again (writes are atomic: nothing half
+written is ever visible under a key).
+
+The sweeper: one instance at a time (a named lease), every `SCENEMINT_SWEEP_INTERVAL`,
+marks images older than `SCENEMINT_IMAGE_RETENTION_DAYS` expired and deletes the objects no
+live task uses any more.
+
+Both loops survive any exception of one item: it is logged and counted, the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+
+from .service import ImageService
+from .store import LedgerTask
+
+log = logging.getLogger("scenemint.jobs")
+
+_IDLE_POLL = 1.0  # seconds between looks for work another instance left (nothing woke us)
+_SWEEP_BATCH = 500
+
+
+class Copier:
+    def __init__(self, service: ImageService) -> None:
+        self._service = service
+        self._slots = service.settings.copy_concurrency
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._loop_task: asyncio.Task[None] | None = None
+        self.copied = 0  # rows settled by this process's copies (tests, metrics)
+
+    def start(self) -> None:
+        if self._loop_task is None:
+            self._loop_task = asyncio.create_task(self._loop(), name="image-copier")
+
+    async def stop(self) -> None:
+        tasks = [*self._running.values(), *([self._loop_task] if self._loop_task else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop_task = None
+        self._running.clear()
+
+    async def idle(self) -> None:
+        """Wait until the copies started so far are done (tests)."""
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
+
+    async def _loop(self) -> None:
+        wake = self._service.needs_copy
+        while True:
+            wake.clear()
+            try:
+                started = await self.run_once()
+            except Exception:  # the database is down, or a bug: try again shortly
+                log.exception("image copier: claiming work failed")
+                started = 0
+            if started:
+                continue  # there may be more: look again at once
+            try:
+                async with asyncio.timeout(_IDLE_POLL):
+                    await wake.wait()
+            except TimeoutError:
+                pass
+
+    async def run_once(self) -> int:
+        """Claim as many `fetching` rows as there are free slots and start their copies."""
+        free = self._slots - len(self._running)
+        if free <= 0:
+            return 0
+        service = self._service
+        rows = await service.store.claim_fetching(
+            owner=service.owner, seconds=service.settings.lease_seconds, limit=free
+        )
+        for row in rows:
+            task = asyncio.create_task(self._copy(row), name=f"copy-{row.id}")
+            self._running[row.id] = task
+            task.add_done_callback(functools.partial(self._done, row.id))
+        return len(rows)
+
+    def _done(self, task_id: str, _: object) -> None:
+        self._running.pop(task_id, None)
+        self._service.needs_copy.set()  # a slot is free: look for more
+
+    async def _copy(self, row: LedgerTask) -> None:
+        try:
+            written = await self._service.complete(row)
+        except Exception:
+            log.exception("image copier: task %s", row.id)
+            self._service.metrics.image_copy_failures.labels("internal").inc()
+            return
+        if written is not None and written.finished:
+            self.copied += 1
+
+
+class Sweeper:
+    def __init__(self, service: ImageService) -> None:
+        self._service = service
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="image-sweeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _loop(self) -> None:
+        interval = self._service.settings.sweep_interval
+        while True:
+            try:
+                await self.run_once()
+            except Exception:
+                log.exception("image sweep failed; trying again at the next interval")
+            await asyncio.sleep(interval)
+
+    async def run_once(self) -> int:
+        """One sweep if this instance gets the sweep's lease; the images it deleted."""
+        service, store = self._service, self._service.store
+        settings = service.settings
+        if not await store.claim_named(
+            "sweep", owner=service.owner, seconds=max(60.0, settings.sweep_interval / 2)
+        ):
+            return 0
+        service.metrics.image_sweeps.inc()
+        if settings.image_retention_days > 0:
+            cutoff = store.now() - settings.image_retention_days * 86400
+            while await store.expire_images(stored_before=cutoff, limit=_SWEEP_BATCH):
+                pass
+        deleted = 0
+        while keys := await store.purgeable_keys(limit=_SWEEP_BATCH):
+            progress = 0
+            for key in keys:
+                try:
+                    await service.images.delete(key)
+                    await store.image_purged(key)
+                except Exception:
+                    log.exception("image sweep: cannot delete %s; left for the next sweep", key)
+                    continue
+                progress += 1
+            deleted += progress
+            if not progress:
+                break
+        service.metrics.images_expired.inc(deleted)
+        service.metrics.image_store_bytes.set(await store.stored_bytes())
+        if deleted:
+            log.info("image sweep: deleted %d expired images", deleted)
+        return deleted

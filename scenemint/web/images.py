@@ -1,0 +1,117 @@
+"""Serving a stored image: conditional requests, single byte ranges, presigned redirects.
+
+The image of a task never changes (its key is the SHA-256 of its bytes): the answer is
+cacheable for ever, with a strong ETag, `Last-Modified`, 304 for `If-None-Match` /
+`If-Modified-Since`, 206 for one `Range` (what browsers and CDNs send), 416 for a range
+outside the image. Bodies are streamed from the store, never read whole into memory.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Mapping
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from ..config import Settings
+from ..errors import ImageStoreUnavailable
+from ..service import StoredImage
+from .streaming import ClosingStreamResponse
+
+IMMUTABLE = "public, max-age=31536000, immutable"
+_PRESIGNED_SECONDS = 300
+_REDIRECT_CACHE = "private, max-age=60"  # well inside the presigned URL's life
+
+
+async def serve_image(request: Request, image: StoredImage, settings: Settings) -> Response:
+    headers = {
+        "ETag": image.etag,
+        "Last-Modified": email.utils.formatdate(image.stored_at, usegmt=True),
+        "Cache-Control": IMMUTABLE,
+        "X-Content-Type-Options": "nosniff",
+        "Accept-Ranges": "bytes",
+    }
+    if _not_modified(request.headers, image):
+        return Response(status_code=304, headers=headers)
+    if settings.image_redirect == "presigned":
+        url = await image.store.presigned_url(image.key, expires_in=_PRESIGNED_SECONDS)
+        if url is not None:
+            return Response(
+                status_code=302, headers={"Location": url, "Cache-Control": _REDIRECT_CACHE}
+            )
+    head_only = request.method == "HEAD"
+    wanted = _range(request.headers, image)
+    if isinstance(wanted, str):
+        return Response(
+            status_code=416,
+            headers={**headers, "Content-Range": f"bytes */{image.size}"},
+        )
+    start, end = wanted if wanted is not None else (0, image.size)
+    if head_only:
+        return Response(
+            status_code=200,
+            headers={**headers, "Content-Length": str(image.size)},
+            media_type=image.content_type,
+        )
+    body = await image.store.read(image.key, start=start, end=end)
+    if body is None:  # gone from the store although the ledger has it: the audit says why
+        raise ImageStoreUnavailable(detail=f"image {image.key} of {image.task_id} is missing")
+    status = 200
+    if wanted is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{body.end - 1}/{body.size}"
+    headers["Content-Length"] = str(body.length)
+    return ClosingStreamResponse(
+        body.chunks, status_code=status, headers=headers, media_type=image.content_type
+    )
+
+
+def _not_modified(headers: Mapping[str, str], image: StoredImage) -> bool:
+    match = headers.get("if-none-match")
+    if match is not None:
+        tags = {tag.strip().removeprefix("W/") for tag in match.split(",")}
+        return "*" in tags or image.etag in tags
+    since = headers.get("if-modified-since")
+    if since:
+        try:
+            moment = email.utils.parsedate_to_datetime(since)
+        except (TypeError, ValueError, IndexError):
+            return False
+        return moment is not None and int(image.stored_at) <= moment.timestamp()
+    return False
+
+
+def _range(headers: Mapping[str, str], image: StoredImage) -> tuple[int, int] | str | None:
+    """(start, end) of one satisfiable range (end exclusive), "unsatisfiable", or None (the
+    whole image: no Range, several ranges, an If-Range that no longer holds, nonsense)."""
+    value = headers.get("range")
+    if not value or not value.startswith("bytes="):
+        return None
+    if_range = headers.get("if-range")
+    if if_range is not None and if_range.strip() != image.etag:
+        return None
+    spec = value[len("bytes=") :].strip()
+    if "," in spec:
+        return None  # several ranges: the whole image is a correct answer
+    first, dash, last = spec.partition("-")
+    if not dash:
+        return None
+    size = image.size
+    try:
+        if not first:  # the last N bytes
+            suffix = int(last)
+            if suffix <= 0:
+                return "unsatisfiable"
+            return max(0, size - suffix), size
+        start = int(first)
+        end = int(last) + 1 if last else size
+    except ValueError:
+        return None
+    if start < 0:
+        return None
+    if start >= size:
+        return "unsatisfiable"
+    if end <= start:
+        return None
+    return start, min(end, size)
