@@ -33,6 +33,14 @@ def serve(
     demo: Annotated[
         bool, typer.Option("--demo", help="Start with a local demo upstream (no account, no AI).")
     ] = False,
+    upstream_kind: Annotated[
+        str | None,
+        typer.Option(
+            "--upstream-kind",
+            help="chatgpt2api or openai (env SCENEMINT_UPSTREAM_KIND).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Run the web service."""
     import uvicorn
@@ -41,6 +49,10 @@ def serve(
     from .web.app import create_app
     from .web.server import run, uvicorn_config, uvicorn_options
 
+    if upstream_kind is not None:
+        if upstream_kind not in ("chatgpt2api", "openai"):
+            raise typer.BadParameter("--upstream-kind is chatgpt2api or openai")
+        os.environ["SCENEMINT_UPSTREAM_KIND"] = upstream_kind  # workers read it there too
     settings = Settings()
     if host is not None or port is not None:
         settings = settings.model_copy(

@@ -7,6 +7,7 @@ Upstream variables keep the names the original service used (`CHATGPT2API_*`,
 from __future__ import annotations
 
 import datetime as dt
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -16,6 +17,8 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
+DEFAULT_OPENAI_SIZES = {"1:1": "1024x1024", "16:9": "1536x1024", "9:16": "1024x1536"}
+_SIZE = re.compile(r"\d{2,5}x\d{2,5}|auto")
 
 
 def _env(*names: str) -> AliasChoices:
@@ -38,6 +41,35 @@ class Settings(BaseSettings):
     upstream_api_key: SecretStr | None = Field(None, validation_alias=_env("CHATGPT2API_API_KEY"))
     image_model: str = Field("gpt-image-2", validation_alias=_env("CHATGPT2API_IMAGE_MODEL"))
     prompt_model: str = Field("gpt-5.5", validation_alias=_env("CHATGPT2API_PROMPT_MODEL"))
+
+    upstream_kind: Literal["chatgpt2api", "openai"] = Field(
+        "chatgpt2api",
+        validation_alias=_env("SCENEMINT_UPSTREAM_KIND"),
+        description="chatgpt2api (its async task API) or openai (any OpenAI Images API)",
+    )
+    openai_sizes: Annotated[dict[str, str], NoDecode] = Field(
+        default_factory=lambda: dict(DEFAULT_OPENAI_SIZES),
+        validation_alias=_env("SCENEMINT_OPENAI_SIZES"),
+        description="our sizes as the openai kind sends them: 1:1=1024x1024,16:9=...",
+    )
+    openai_auth: Literal["bearer", "api-key"] = Field(
+        "bearer",
+        validation_alias=_env("SCENEMINT_OPENAI_AUTH"),
+        description="how the key is sent: Authorization: Bearer, or api-key (Azure OpenAI)",
+    )
+    job_concurrency: int = Field(
+        4,
+        ge=1,
+        le=256,
+        validation_alias=_env("SCENEMINT_JOB_CONCURRENCY"),
+        description="generations (openai kind) one process runs at once",
+    )
+    generation_timeout: float = Field(
+        300.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_GENERATION_TIMEOUT"),
+        description="the longest one synchronous generation may take (openai kind)",
+    )
 
     # -- listening -------------------------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=_env("HOST"))
@@ -263,6 +295,25 @@ class Settings(BaseSettings):
         if isinstance(value, list):
             return [_image_origin(part) if isinstance(part, str) else part for part in value]
         return value
+
+    @field_validator("openai_sizes", mode="before")
+    @classmethod
+    def _parse_sizes(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        sizes = dict(DEFAULT_OPENAI_SIZES)
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            ours, _, theirs = part.partition("=")
+            ours, theirs = ours.strip(), theirs.strip()
+            if ours not in DEFAULT_OPENAI_SIZES or not _SIZE.fullmatch(theirs):
+                raise ValueError(
+                    f"SCENEMINT_OPENAI_SIZES: {part.strip()!r} is not like 16:9=1536x1024"
+                    " (sizes: 1:1, 16:9, 9:16; values: WIDTHxHEIGHT or auto)"
+                )
+            sizes[ours] = theirs
+        return sizes
 
     @field_validator("image_store")
     @classmethod

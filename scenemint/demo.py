@@ -10,6 +10,7 @@ rewrite. Nothing here is AI, and every image says so in large letters.
 from __future__ import annotations
 
 import asyncio
+import base64
 import colorsys
 import contextlib
 import hashlib
@@ -311,6 +312,15 @@ def _error(status: int, message: str) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
+def _openai_error(status: int, code: str, message: str) -> web.Response:
+    error = {"message": message, "type": "invalid_request_error", "code": code}
+    return web.json_response({"error": error}, status=status)
+
+
+# the OpenAI sizes the service sends -> the demo's own
+_OPENAI_SIZES = {"1024x1024": "1:1", "1536x1024": "16:9", "1024x1536": "9:16"}
+
+
 @dataclass
 class _DemoService:
     api_key: str | None
@@ -442,6 +452,57 @@ class _DemoService:
         self._add_task(task, reference)
         return web.json_response(self._task_json(request, task))
 
+    # -- the OpenAI Images API (synchronous): `scenemint serve --demo --upstream-kind openai`
+
+    async def openai_generations(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return _openai_error(400, "invalid_request_error", "request body must be JSON")
+        if not isinstance(body, dict):
+            return _openai_error(400, "invalid_request_error", "body must be a JSON object")
+        return await self._openai_image(body.get("prompt"), body.get("size"), None)
+
+    async def openai_edits(self, request: web.Request) -> web.Response:
+        try:
+            form = await request.post()
+        except ValueError as exc:
+            return _openai_error(400, "invalid_request_error", f"invalid multipart body: {exc}")
+        image = form.get("image")
+        raw = image.file.read() if isinstance(image, web.FileField) else None
+        if not raw:
+            return _openai_error(400, "invalid_request_error", "an 'image' file is required")
+        return await self._openai_image(form.get("prompt"), form.get("size"), raw)
+
+    async def _openai_image(
+        self, prompt: object, size: object, image: bytes | None
+    ) -> web.Response:
+        if not isinstance(prompt, str) or not prompt.strip():
+            return _openai_error(400, "invalid_request_error", "prompt must be a non-empty string")
+        if _FAIL_WORD.search(prompt):
+            return _openai_error(400, "content_policy_violation", FAIL_MESSAGE)
+        ours = _OPENAI_SIZES.get(size if isinstance(size, str) else "", "1:1")
+        await asyncio.sleep(self.task_seconds)  # a synchronous API holds the connection
+        try:
+            if image is None:
+                png = await asyncio.to_thread(render_generation, prompt, ours)
+            else:
+                reference = await asyncio.to_thread(decode_reference, image)
+                png = await asyncio.to_thread(render_edit, reference, prompt, ours)
+        except Exception as exc:
+            return _openai_error(400, "invalid_request_error", f"cannot render: {exc}")
+        return web.json_response(
+            {
+                "created": int(time.time()),
+                "data": [
+                    {
+                        "b64_json": base64.b64encode(png).decode(),
+                        "revised_prompt": f"(demo) {prompt}",
+                    }
+                ],
+            }
+        )
+
     async def list_tasks(self, request: web.Request) -> web.Response:
         ids = list(dict.fromkeys(i.strip() for i in request.query.get("ids", "").split(",")))
         items, missing = [], []
@@ -565,6 +626,8 @@ def create_demo_app(
     app.router.add_post("/api/image-tasks/edits", service.edits)
     app.router.add_get("/api/image-tasks", service.list_tasks)
     app.router.add_get("/images/{filename}", service.image_file)
+    app.router.add_post("/v1/images/generations", service.openai_generations)
+    app.router.add_post("/v1/images/edits", service.openai_edits)
     app.router.add_get("/v1/models", service.models)
     app.router.add_post("/v1/chat/completions", service.chat_completions)
     app.on_cleanup.append(service.close)

@@ -94,6 +94,9 @@ class UpstreamError(ScenemintError):
         self.upstream_status = upstream_status
         self.reason = reason
         self.retryable = retryable
+        # what an OpenAI-style error object said: its code (or type) and message
+        self.upstream_code: str | None = None
+        self.upstream_message: str | None = None
 
 
 class UpstreamTimeout(UpstreamError):

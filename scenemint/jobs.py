@@ -1,5 +1,10 @@
-"""Work that outlives a request, claimed by lease in the database: image copies and the
-retention sweep.
+"""Work that outlives a request, claimed by lease in the database: image copies, the jobs
+of a synchronous upstream, and the retention sweep.
+
+The job runner (openai kind): a task is charged `queued` and answered at once; up to
+`SCENEMINT_JOB_CONCURRENCY` runners per instance claim queued jobs (oldest first; on
+PostgreSQL several instances share the work with `FOR UPDATE SKIP LOCKED`), write that the
+request is being sent, send it once, and settle what it gave (`ImageService.run_job`).
 
 The copier: a task whose upstream finished is `fetching` until its image is in our image
 store. Every instance runs up to `SCENEMINT_COPY_CONCURRENCY` copies; a row is copied only
@@ -22,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections.abc import Awaitable, Callable
 
 from .service import ImageService
 from .store import LedgerTask
@@ -32,17 +38,42 @@ _IDLE_POLL = 1.0  # seconds between looks for work another instance left (nothin
 _SWEEP_BATCH = 500
 
 
-class Copier:
-    def __init__(self, service: ImageService) -> None:
+Claim = Callable[..., Awaitable[list[LedgerTask]]]
+Work = Callable[[LedgerTask], Awaitable[LedgerTask | None]]
+
+
+class LeasedWorkers:
+    """Up to `slots` rows at a time, each claimed by lease in the database and worked on by
+    this process. Wakes when `wake` is set (work made here) and every second otherwise
+    (work another instance left); a slot that frees looks for more at once."""
+
+    def __init__(
+        self,
+        service: ImageService,
+        *,
+        name: str,
+        slots: int,
+        wake: asyncio.Event,
+        claim: Claim,
+        work: Work,
+    ) -> None:
         self._service = service
-        self._slots = service.settings.copy_concurrency
+        self._name = name
+        self._slots = slots
+        self._wake = wake
+        self._claim = claim
+        self._work = work
         self._running: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
-        self.copied = 0  # rows settled by this process's copies (tests, metrics)
+        self.finished = 0  # rows this process's workers settled (tests, benchmarks)
+
+    @property
+    def busy(self) -> int:
+        return len(self._running)
 
     def start(self) -> None:
         if self._loop_task is None:
-            self._loop_task = asyncio.create_task(self._loop(), name="image-copier")
+            self._loop_task = asyncio.create_task(self._loop(), name=self._name)
 
     async def stop(self) -> None:
         tasks = [*self._running.values(), *([self._loop_task] if self._loop_task else [])]
@@ -53,54 +84,77 @@ class Copier:
         self._running.clear()
 
     async def idle(self) -> None:
-        """Wait until the copies started so far are done (tests)."""
+        """Wait until the work started so far is done (tests)."""
         await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     async def _loop(self) -> None:
-        wake = self._service.needs_copy
         while True:
-            wake.clear()
+            self._wake.clear()
             try:
                 started = await self.run_once()
             except Exception:  # the database is down, or a bug: try again shortly
-                log.exception("image copier: claiming work failed")
+                log.exception("%s: claiming work failed", self._name)
                 started = 0
             if started:
                 continue  # there may be more: look again at once
             try:
                 async with asyncio.timeout(_IDLE_POLL):
-                    await wake.wait()
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
     async def run_once(self) -> int:
-        """Claim as many `fetching` rows as there are free slots and start their copies."""
+        """Claim as many rows as there are free slots and start their work."""
         free = self._slots - len(self._running)
         if free <= 0:
             return 0
         service = self._service
-        rows = await service.store.claim_fetching(
+        rows = await self._claim(
             owner=service.owner, seconds=service.settings.lease_seconds, limit=free
         )
         for row in rows:
-            task = asyncio.create_task(self._copy(row), name=f"copy-{row.id}")
+            task = asyncio.create_task(self._one(row), name=f"{self._name}-{row.id}")
             self._running[row.id] = task
             task.add_done_callback(functools.partial(self._done, row.id))
         return len(rows)
 
     def _done(self, task_id: str, _: object) -> None:
         self._running.pop(task_id, None)
-        self._service.needs_copy.set()  # a slot is free: look for more
+        self._wake.set()  # a slot is free: look for more
 
-    async def _copy(self, row: LedgerTask) -> None:
+    async def _one(self, row: LedgerTask) -> None:
         try:
-            written = await self._service.complete(row)
+            written = await self._work(row)
         except Exception:
-            log.exception("image copier: task %s", row.id)
-            self._service.metrics.image_copy_failures.labels("internal").inc()
+            log.exception("%s: task %s", self._name, row.id)
+            self._service.metrics.job_errors.labels(self._name).inc()
             return
         if written is not None and written.finished:
-            self.copied += 1
+            self.finished += 1
+
+
+def copier(service: ImageService) -> LeasedWorkers:
+    """Copies the images of `fetching` tasks into the image store."""
+    return LeasedWorkers(
+        service,
+        name="image-copier",
+        slots=service.settings.copy_concurrency,
+        wake=service.needs_copy,
+        claim=service.store.claim_fetching,
+        work=service.complete,
+    )
+
+
+def runner(service: ImageService) -> LeasedWorkers:
+    """Sends the queued jobs of a synchronous upstream (openai kind), each at most once."""
+    return LeasedWorkers(
+        service,
+        name="job-runner",
+        slots=service.settings.job_concurrency,
+        wake=service.needs_jobs,
+        claim=service.store.claim_jobs,
+        work=service.run_job,
+    )
 
 
 class Sweeper:

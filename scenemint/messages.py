@@ -151,6 +151,14 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "The reference image was lost before the task could be sent. Your credit was returned.",
         "参考图在任务提交前丢失，额度已退回。",
     ),
+    "content_policy": (
+        "The image provider's safety system refused this prompt. Your credit was returned.",
+        "图片服务的安全系统拒绝了该提示词，额度已退回。",
+    ),
+    "generation_interrupted": (
+        "The generation was interrupted before it answered. Your credit was returned.",
+        "生成在返回结果前被中断，额度已退回。",
+    ),
     "internal_error": ("Internal error.", "服务器内部错误。"),
 }
 

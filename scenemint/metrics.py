@@ -92,6 +92,12 @@ class Metrics:
         self.images_expired = Counter(
             "scenemint_images_expired", "Images deleted by the retention rule", registry=r
         )
+        self.job_errors = Counter(
+            "scenemint_job_errors",
+            "Work items (image copies, generation jobs) that raised; each is tried again",
+            ["worker"],
+            registry=r,
+        )
         self.open_streams = Gauge(
             "scenemint_open_streams", "Responses streaming right now", ["kind"], registry=r
         )

@@ -40,14 +40,22 @@ def system_prompt(direction: str) -> str:
     return _CORE + "\n\n" + _DIRECTION[direction]
 
 
-def chat_request(*, model: str, prompt: str, direction: str) -> dict[str, object]:
-    """The body of the streaming chat completion for one enhancement."""
-    return {
+def chat_request(
+    *, model: str, prompt: str, direction: str, temperature: bool = True
+) -> dict[str, object]:
+    """The body of the streaming chat completion for one enhancement.
+
+    `temperature=False` leaves the model's default: OpenAI's reasoning models (the gpt-5
+    family, the o-series) refuse any other; the two directions then differ by their
+    instructions alone."""
+    body: dict[str, object] = {
         "model": model,
         "stream": True,
-        "temperature": TEMPERATURES[direction],
         "messages": [
             {"role": "system", "content": system_prompt(direction)},
             {"role": "user", "content": prompt},
         ],
     }
+    if temperature:
+        body["temperature"] = TEMPERATURES[direction]
+    return body

@@ -32,6 +32,7 @@ from .poller import Fetch, Outcome, list_isolating
 from .service import ImageService
 from .settlement import FINISHED, Abandoned, Decision, Missing, Resubmit, Seen, State, Step, decide
 from .store import LedgerTask
+from .upstream import Chatgpt2Api
 
 log = logging.getLogger("scenemint.reconciler")
 
@@ -118,18 +119,19 @@ class Reconciler:
         rows = await store.settleable(limit=_ROWS_PER_ROUND)
         result.checked = len(rows)
         to_ask: list[LedgerTask] = []
+        listing = service.upstream if isinstance(service.upstream, Chatgpt2Api) else None
         for row in rows:
-            if service.upstream is not None and row.state in _ASKABLE and row.handed:
+            if listing is not None and row.kind == "task" and row.state in _ASKABLE and row.handed:
                 to_ask.append(row)
-            else:  # an answer that never left, or nobody to ask: no listing needed
+            else:  # an answer that never left, a job of ours, nobody to ask: no listing
                 await self._settle(row, self._aged(row), result)
-        if not to_ask or service.upstream is None:
+        if not to_ask or listing is None:
             return
         found: dict[str, Outcome] = {}
         try:
             # what the listing does not answer in time is settled by the age rule alone
             async with asyncio.timeout(self._settings.reconcile_deadline * 0.75):
-                await self._ask(service.upstream.list_tasks, [row.id for row in to_ask], found)
+                await self._ask(listing.list_tasks, [row.id for row in to_ask], found)
         except TimeoutError:
             log.warning(
                 "reconcile: listings ran out of time; %d of %d answered", len(found), len(to_ask)

@@ -63,6 +63,7 @@ from .settlement import (
     Delivered,
     ErrorCode,
     FetchFailed,
+    Generated,
     Guard,
     ImageRecord,
     Limits,
@@ -71,13 +72,21 @@ from .settlement import (
     ReferenceGone,
     Refused,
     Seen,
+    Sending,
     State,
     Stored,
     Unknown,
     decide,
 )
 from .store import KeyInUse, LedgerTask, NewTask, Store
-from .upstream import UpstreamClient
+from .upstream import (
+    Chatgpt2Api,
+    GeneratedImage,
+    OpenAIImages,
+    Refusal,
+    Upstream,
+    nothing_generated,
+)
 from .validation import (
     Reference,
     clean_fingerprint,
@@ -150,7 +159,7 @@ class ImageService:
         *,
         settings: Settings,
         store: Store,
-        upstream: UpstreamClient | None,
+        upstream: Upstream | None,
         metrics: Metrics | None = None,
         owner: str | None = None,
         images: ImageStore | None = None,
@@ -179,9 +188,11 @@ class ImageService:
         self._legacy_copies: dict[str, asyncio.Future[LedgerTask]] = {}
         self.answers = TaskAnswers(fresh_for=settings.poll_min_interval)
         self.references = References(settings.data_dir / "references")
+        # set when a sync job is waiting for a runner (openai kind)
+        self.needs_jobs = asyncio.Event()
         self.poller = (
             TaskPoller(upstream.list_tasks, batch_size=settings.poll_batch_size)
-            if upstream is not None
+            if isinstance(upstream, Chatgpt2Api)
             else None
         )
         self._computing: dict[str, asyncio.Future[Answer]] = {}
@@ -240,6 +251,7 @@ class ImageService:
             if existing is not None:
                 return await self._replay(existing, request_hash=request_hash)
         upstream.check_submit()  # fail fast before taking a credit
+        sync = isinstance(upstream, OpenAIImages)  # a job our runners send, or a submission
         task_id = new_task_id()
         ref_path = await self._save_reference(task_id, reference) if reference else None
         try:
@@ -253,11 +265,12 @@ class ImageService:
                     reference_path=str(ref_path) if ref_path else None,
                     reference_name=reference.filename if reference else None,
                     reference_type=reference.content_type if reference else None,
-                    state=State.SUBMITTING,
+                    state=State.QUEUED if sync else State.SUBMITTING,
                     lease_owner=self.owner,
                     lease_seconds=self.settings.lease_seconds,
                     idempotency_key=key,
                     request_hash=request_hash,
+                    kind="sync" if sync else "task",
                 )
             )
         except KeyInUse as exc:  # the same key arrived twice at once: nothing was charged
@@ -268,7 +281,13 @@ class ImageService:
             raise
         self.metrics.credits_charged.inc()
         log.info("charged %s for task %s (%s)", _short(owner), task_id, mode)
+        if sync:  # queued: a runner takes it once its answer has left
+            return await self._queued(charge.task, balance=charge.balance)
         return await self._submit(charge.task, reference=reference, balance=charge.balance)
+
+    async def _queued(self, row: LedgerTask, *, balance: int) -> Delivery:
+        task = await self._view(row, prompt=row.prompt, remaining=balance)
+        return Delivery(self, task, row)
 
     async def _replay(self, existing: LedgerTask, *, request_hash: str) -> Delivery:
         """A request with a key that already names a task: that task, never a second charge."""
@@ -286,6 +305,8 @@ class ImageService:
         )
         if claimed is None:
             raise Conflict("idempotency_in_progress", retry_after=1.0)
+        if claimed.kind == "sync":
+            return await self._queued(claimed, balance=balance)
         reference = await self._load_reference(claimed)
         if claimed.mode == "image" and reference is None:
             written = await self._observe(claimed, ReferenceGone())
@@ -331,6 +352,8 @@ class ImageService:
             log.error("task %s: cannot record its delivery: %s", row.id, exc.detail or exc.code)
         if row.state == State.SUBMITTING or not delivered:
             self.needs_reconcile.set()  # an unknown outcome, or a refund due: look now
+        if row.kind == "sync" and delivered:
+            self.needs_jobs.set()  # the job is the client's: a runner may take it
 
     async def submit(
         self, row: LedgerTask, *, reference: Reference | None, until_shutdown: bool = False
@@ -342,6 +365,8 @@ class ImageService:
         when no attempt can have created the task.
         """
         upstream = self._require_upstream()
+        if not isinstance(upstream, Chatgpt2Api):  # the upstream kind changed since
+            return SubmitResult(Refused("this upstream takes no task submissions"))
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.submit_timeout
         sent = False
@@ -376,7 +401,7 @@ class ImageService:
 
     async def _submit_once(
         self,
-        upstream: UpstreamClient,
+        upstream: Chatgpt2Api,
         row: LedgerTask,
         reference: Reference | None,
         *,
@@ -540,9 +565,12 @@ class ImageService:
         row = await self.store.get_task(task_id)
         if row is None:
             return self.answers.put(task_id, missing_task(task_id), version=None, finished=True)
-        if row.state in (State.QUEUED, State.RUNNING):
-            if self.poller is None:
-                raise NotConfigured(detail="upstream not configured")
+        if row.kind == "sync":
+            if row.state == State.QUEUED and row.lease_until <= self.store.now():
+                self.needs_jobs.set()  # waiting for a runner: look now
+            task = await self._view(row)
+            return self.answers.put(task_id, task, version=row.version, finished=row.finished)
+        if row.state in (State.QUEUED, State.RUNNING) and self.poller is not None:
             found = await self.poller.fetch(task_id)  # asked after the row was read
             written = await self._observe(row, Seen(found) if found else Missing())
             row = written or await self._reread(row)
@@ -553,6 +581,15 @@ class ImageService:
         return self.answers.put(
             task_id, self._public(row), version=row.version, finished=row.finished
         )
+
+    async def _view(
+        self, row: LedgerTask, *, prompt: str | None = None, remaining: int | None = None
+    ) -> Task:
+        """The public task, with its place in the queue while a sync job waits for a runner."""
+        task = self._public(row, prompt=prompt, remaining=remaining)
+        if row.kind == "sync" and row.state == State.QUEUED:
+            task = replace(task, queue_position=await self.store.queue_position(row))
+        return task
 
     async def _reread(self, row: LedgerTask) -> LedgerTask:
         fresh = await self.store.get_task(row.id)
@@ -655,6 +692,90 @@ class ImageService:
             observation = await self.copy_image(row)
         return await self._observe(row, observation)
 
+    # -- sync jobs (openai kind) ------------------------------------------------------------
+
+    async def run_job(self, row: LedgerTask) -> LedgerTask | None:
+        """Send a sync job we claimed — once — and settle what it gave.
+
+        `Sending` is written before the request leaves: a runner that dies after it leaves
+        a running row that is failed and refunded, never sent again (the upstream may have
+        made, and charged for, the image)."""
+        upstream = self.upstream
+        if not isinstance(upstream, OpenAIImages):  # the upstream kind changed since
+            await self.store.renew(row, owner=self.owner, seconds=0)  # the age rule settles it
+            return None
+        reference = await self._load_reference(row) if row.mode == "image" else None
+        if row.mode == "image" and reference is None:
+            return await self._observe(row, ReferenceGone())
+        sending = await self._observe(row, Sending())
+        if sending is None or sending.state != State.RUNNING:
+            return sending
+        row = sending
+        deadline = asyncio.get_running_loop().time() + self.settings.generation_timeout
+        async with self.lease(row):
+            try:
+                if reference is None:
+                    answer = await upstream.generate(
+                        prompt=row.prompt, size=row.size, deadline=deadline
+                    )
+                else:
+                    answer = await upstream.edit(
+                        prompt=row.prompt,
+                        size=row.size,
+                        image=reference.data,
+                        filename=reference.filename,
+                        content_type=reference.content_type,
+                        deadline=deadline,
+                    )
+                observation = await self._generated(row, answer)
+            except Refusal as exc:
+                code = ErrorCode.CONTENT_POLICY if exc.policy else ErrorCode.REFUSED
+                log.warning("generation of %s refused: %s", row.id, exc.detail)
+                observation = Refused(exc.detail, code=code, error=exc.message)
+            except UpstreamError as exc:
+                if nothing_generated(exc) or not exc.ambiguous:
+                    # refused, too busy, unreachable, our key, our breaker: nothing was made
+                    log.warning("generation of %s not taken: %s", row.id, exc.detail)
+                    observation = Refused(exc.detail)
+                else:
+                    log.warning("generation of %s ended without an answer: %s", row.id, exc.detail)
+                    observation = Unknown(exc.detail)
+        return await self._observe(row, observation)
+
+    async def _generated(self, row: LedgerTask, answer: GeneratedImage) -> Observation:
+        """What a generation's answer means: its image stored, a URL to copy, or nothing."""
+        if answer.data is None:
+            assert answer.url is not None
+            return Generated(answer.url, answer.revised_prompt)
+        try:
+            info = await asyncio.to_thread(verify_image, answer.data)
+        except NotAnImage as exc:
+            log.warning("generation of %s answered no image we serve: %s", row.id, exc)
+            return Refused(f"not an image: {exc}", code=ErrorCode.NO_IMAGE)
+        key = key_for(answer.data)
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.settings.image_fetch_deadline
+        pause = 0.5
+        while True:  # the bytes are only here: keep trying to store them for a while
+            try:
+                await self.images.put(key, answer.data, content_type=info.content_type)
+                break
+            except ImageStoreUnavailable as exc:
+                self.metrics.image_copy_failures.labels("store").inc()
+                if loop.time() + pause > give_up:
+                    return Refused(exc.detail, code=ErrorCode.IMAGE_UNAVAILABLE)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
+        self.metrics.image_copies.inc()
+        record = ImageRecord(
+            key=key,
+            content_type=info.content_type,
+            size=len(answer.data),
+            width=info.width,
+            height=info.height,
+        )
+        return Stored(record, answer.revised_prompt)
+
     async def _download(self, url: str, task_id: str) -> bytes:
         """The bytes of an image URL (an `image/*` answer), capped in size and time."""
         upstream = self._require_upstream()
@@ -735,7 +856,11 @@ class ImageService:
         if not self.settings.prompt_model.strip():
             raise NotConfigured(detail="CHATGPT2API_PROMPT_MODEL is empty")
         body = chat_request(
-            model=self.settings.prompt_model.strip(), prompt=clean, direction=direction.strip()
+            model=self.settings.prompt_model.strip(),
+            prompt=clean,
+            direction=direction.strip(),
+            # OpenAI's reasoning models refuse any temperature but their default
+            temperature=not isinstance(upstream, OpenAIImages),
         )
         deadline = asyncio.get_running_loop().time() + self.settings.stream_deadline
         stack = AsyncExitStack()
@@ -804,7 +929,7 @@ class ImageService:
 
     # -- reference images ----------------------------------------------------------------------
 
-    def _require_upstream(self) -> UpstreamClient:
+    def _require_upstream(self) -> Upstream:
         if self.upstream is None:
             log.error("upstream not configured: set CHATGPT2API_BASE_URL and CHATGPT2API_API_KEY")
             raise NotConfigured()

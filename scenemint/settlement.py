@@ -14,6 +14,17 @@ FAILED decision, which the store applies at most once per row.
         │                                         age limit              │ passed
         └─ Refused, not handed, Missing too old ─────────────────────────┴──▶ failed (refunded)
 
+A task of a synchronous upstream (`kind = "sync"`: the OpenAI Images API) is a job: charged
+`queued`, taken by a runner that writes `Sending` (running, `sent_at`) in the database
+*before* it sends the request, then settled by the answer. A sync call cannot be asked
+about later: a running job whose owner is gone, or whose call ended without an answer
+(`Unknown`), is failed and refunded — never sent again.
+
+    queued ─Sending─▶ running ─Stored─────────────▶ completed
+      │                 ├─Generated(url)─▶ fetching (as above)
+      │ age limit       └─Refused, Unknown, owner gone ─▶ failed (refunded)
+      └──────────────────────────────────────────────▶ failed (refunded)
+
 Completion includes the bytes: a task the upstream finished is `fetching` (shown as running)
 until its image is in our image store; the lease holder copies it (`Stored`); a copy that
 keeps failing (`FetchFailed`) fails the task and refunds it once `fetch_deadline` has passed
@@ -64,6 +75,8 @@ class ErrorCode(StrEnum):
     TIMED_OUT = "timed_out"  # unfinished after the age limit
     NO_IMAGE = "no_image"  # "completed" without an image (or with a URL we cannot fetch)
     IMAGE_UNAVAILABLE = "image_unavailable"  # its image could not be copied in time
+    CONTENT_POLICY = "content_policy"  # the upstream refused the prompt (safety system)
+    INTERRUPTED = "generation_interrupted"  # a sync generation ended without an answer
     REFERENCE_LOST = "reference_lost"  # an edit's reference image is gone, cannot resubmit
 
 
@@ -82,6 +95,8 @@ class Row(Protocol):
     def upstream_done_at(self) -> float | None: ...
     @property
     def fetch_attempts(self) -> int: ...
+    @property
+    def kind(self) -> str: ...  # "task" (an async task API) or "sync" (a job of ours)
 
 
 class UpstreamView(Protocol):
@@ -110,9 +125,25 @@ class Accepted:
 @dataclass(frozen=True, slots=True)
 class Refused:
     """An answer that proves the task was not created (a 4xx of the task API, a refused
-    connection before anything was sent)."""
+    connection before anything was sent). `code` and `error` say why, when the upstream
+    said (a content policy refusal, its own words)."""
 
     detail: str = ""
+    code: ErrorCode | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Sending:
+    """A runner took a sync job and is about to send its one request (written first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Generated:
+    """A sync generation answered with the URL of its image (to be copied)."""
+
+    image_url: str
+    revised_prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +179,11 @@ class ImageRecord:
 
 @dataclass(frozen=True, slots=True)
 class Stored:
-    """The lease holder copied the task's image into our store."""
+    """The lease holder copied the task's image into our store (or, for a sync job, stored
+    the image its generation answered with)."""
 
     image: ImageRecord
+    revised_prompt: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,6 +224,8 @@ Observation = (
     | Stored
     | FetchFailed
     | Delivered
+    | Sending
+    | Generated
 )
 
 
@@ -221,6 +256,7 @@ class Decision:
     retry_in: float | None = None  # keep the row unleased this long (a copy to try again)
     fetch_error: str | None = None  # why the last copy failed (for the log and operators)
     keep_lease: bool = False  # the owner keeps its lease (its answer has not left yet)
+    sent: bool = False  # a sync job's request is about to leave (sent_at is written)
 
     @property
     def refunds(self) -> bool:
@@ -258,6 +294,8 @@ def decide(
         return fail(ErrorCode.NOT_DELIVERED, Guard.FREE)
     if state is State.FETCHING:
         return _fetching(row, observation, now=now, free=free, limits=limits)
+    if row.kind == "sync":
+        return _job(row, observation, now=now, free=free, limits=limits)
     match observation:
         case Accepted(task):
             if state is not State.SUBMITTING:
@@ -297,6 +335,53 @@ def decide(
     return None
 
 
+def _job(row: Row, observation: Observation, *, now: float, free: bool, limits: Limits) -> Step:
+    """A job of a synchronous upstream: sent at most once, never asked about later."""
+    state = State(row.state)
+    match observation:
+        case Sending():
+            if state is not State.QUEUED:
+                return None
+            return Decision(State.RUNNING, Guard.OWNER, keep_lease=True, sent=True)
+        case Stored(image, revised):
+            if state is not State.RUNNING:
+                return None
+            return Decision(State.COMPLETED, Guard.OWNER, image=image, revised_prompt=revised)
+        case ReferenceGone():
+            if state is not State.QUEUED:
+                return None
+            return fail(ErrorCode.REFERENCE_LOST, Guard.OWNER)
+        case Generated(url, revised):
+            if state is not State.RUNNING:
+                return None
+            if not url.startswith(("http://", "https://")):
+                return fail(ErrorCode.NO_IMAGE, Guard.OWNER)
+            return Decision(
+                State.FETCHING,
+                Guard.OWNER,
+                image_url=url,
+                revised_prompt=revised,
+                upstream_done=True,
+            )
+        case Refused(_, code, error):
+            if state is not State.RUNNING:
+                return None
+            return fail(code or ErrorCode.REFUSED, Guard.OWNER, error=error)
+        case Unknown():
+            if state is not State.RUNNING:
+                return None
+            # it may have been generated (and paid for upstream); it is never sent again
+            return fail(ErrorCode.INTERRUPTED, Guard.OWNER)
+        case Abandoned():
+            if not free:
+                return None
+            if state is State.RUNNING:
+                return fail(ErrorCode.INTERRUPTED, Guard.FREE)  # its runner is gone
+            if now - row.created_at > limits.task_max_age:
+                return fail(ErrorCode.TIMED_OUT, Guard.FREE)
+    return None
+
+
 def _fetching(
     row: Row, observation: Observation, *, now: float, free: bool, limits: Limits
 ) -> Step:
@@ -304,7 +389,7 @@ def _fetching(
     since = row.upstream_done_at if row.upstream_done_at is not None else now
     too_late = now - since > limits.fetch_deadline
     match observation:
-        case Stored(image):
+        case Stored(image, _):
             return Decision(State.COMPLETED, Guard.OWNER, image=image)
         case FetchFailed(detail, final):
             if too_late or final:

@@ -16,6 +16,7 @@ from scenemint.settlement import (
     Delivered,
     ErrorCode,
     FetchFailed,
+    Generated,
     Guard,
     ImageRecord,
     Limits,
@@ -24,6 +25,7 @@ from scenemint.settlement import (
     Refused,
     Resubmit,
     Seen,
+    Sending,
     State,
     Stored,
     Unknown,
@@ -43,6 +45,7 @@ class Row:
     lease_until: float = 0.0
     upstream_done_at: float | None = None
     fetch_attempts: int = 0
+    kind: str = "task"
 
 
 def upstream(status: str, url: str | None = "http://u/x.png", error: str | None = None):
@@ -69,8 +72,22 @@ OBSERVATIONS = [
     FetchFailed("HTTP 500"),
     FetchFailed("origin not allowed", final=True),
     Delivered(),
+    Sending(),
+    Generated("http://u/x.png"),
+    Generated("/relative.png"),
+    Refused("400", code=ErrorCode.CONTENT_POLICY, error="blocked"),
 ]
-OWNER_OBSERVATIONS = (Accepted, Refused, Unknown, ReferenceGone, Stored, FetchFailed, Delivered)
+OWNER_OBSERVATIONS = (
+    Accepted,
+    Refused,
+    Unknown,
+    ReferenceGone,
+    Stored,
+    FetchFailed,
+    Delivered,
+    Sending,
+    Generated,
+)
 ROWS = [
     Row(
         state=str(state),
@@ -78,9 +95,10 @@ ROWS = [
         handed_at=handed,
         lease_until=lease,
         upstream_done_at=NOW - age / 2 if state is State.FETCHING else None,
+        kind=kind,
     )
-    for state, age, handed, lease in itertools.product(
-        State, (10, 700, 2000), (NOW - 9, None), (0.0, NOW - 1, NOW + 30)
+    for state, age, handed, lease, kind in itertools.product(
+        State, (10, 700, 2000), (NOW - 9, None), (0.0, NOW - 1, NOW + 30), ("task", "sync")
     )
 ]
 
@@ -241,3 +259,55 @@ def test_delivery_hands_the_task_over_and_moves_no_money():
 def test_nothing_changed_is_no_write():
     for state in ("queued", "running"):
         assert decide(Row(state=state), Seen(upstream(state)), now=NOW, limits=LIMITS) is None
+
+
+# -- sync jobs (openai kind): sent at most once, never asked about later -------------------
+
+
+def job(**values: object) -> Row:
+    fields: dict = {"state": "queued", "kind": "sync", "lease_until": NOW + 30}
+    fields.update(values)
+    return Row(**fields)
+
+
+def test_a_job_is_marked_sent_before_its_request_leaves():
+    step = decide(job(), Sending(), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision)
+    assert (step.state, step.guard, step.sent, step.keep_lease) == (
+        State.RUNNING,
+        Guard.OWNER,
+        True,
+        True,
+    )
+    assert decide(job(state="running"), Sending(), now=NOW, limits=LIMITS) is None
+
+
+def test_what_a_generation_answer_does_to_a_running_job():
+    running = job(state="running")
+    stored = decide(running, Stored(IMAGE, "a fox, red"), now=NOW, limits=LIMITS)
+    assert isinstance(stored, Decision) and stored.state is State.COMPLETED
+    assert stored.revised_prompt == "a fox, red"
+    url = decide(running, Generated("https://cdn/x.png"), now=NOW, limits=LIMITS)
+    assert isinstance(url, Decision) and url.state is State.FETCHING and url.upstream_done
+    policy = decide(running, Refused("400", code=ErrorCode.CONTENT_POLICY), now=NOW, limits=LIMITS)
+    assert isinstance(policy, Decision) and policy.error_code is ErrorCode.CONTENT_POLICY
+    unknown = decide(running, Unknown("504"), now=NOW, limits=LIMITS)
+    assert isinstance(unknown, Decision) and unknown.error_code is ErrorCode.INTERRUPTED
+
+
+def test_a_job_whose_runner_is_gone_is_refunded_never_sent_again():
+    gone = job(state="running", lease_until=NOW - 1)
+    step = decide(gone, Abandoned(), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.INTERRUPTED
+    # a job claimed but not yet sent is simply taken by the next runner
+    assert decide(job(lease_until=NOW - 1), Abandoned(), now=NOW, limits=LIMITS) is None
+    old = job(created_at=NOW - 1801, lease_until=0.0)
+    step = decide(old, Abandoned(), now=NOW, limits=LIMITS)
+    assert isinstance(step, Decision) and step.error_code is ErrorCode.TIMED_OUT
+
+
+def test_a_job_is_never_asked_about_upstream():
+    for state in ("queued", "running"):
+        row = job(state=state, lease_until=0.0)
+        for observation in (Seen(upstream("completed")), Missing()):
+            assert decide(row, observation, now=NOW, limits=LIMITS) is None

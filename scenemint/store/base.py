@@ -54,6 +54,7 @@ class NewTask:
     lease_seconds: float = 0.0
     idempotency_key: str | None = None
     request_hash: str | None = None
+    kind: str = "task"  # "task": an async task API's; "sync": a job our runners send
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +91,8 @@ class LedgerTask:
     upstream_done_at: float | None = None
     fetch_attempts: int = 0
     fetch_error: str | None = None
+    kind: str = "task"
+    sent_at: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -176,6 +179,15 @@ class Store(QuotaStore, Protocol):
     async def claim_fetching(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
         """Lease up to `limit` `fetching` rows nobody holds (their images are to be copied);
         on PostgreSQL several instances claim side by side (`FOR UPDATE SKIP LOCKED`)."""
+        ...
+
+    async def claim_jobs(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
+        """Lease up to `limit` queued sync jobs nobody holds, oldest first (handed only: a
+        job is the client's before it runs); several instances side by side on PostgreSQL."""
+        ...
+
+    async def queue_position(self, row: LedgerTask) -> int:
+        """1 + how many queued sync jobs were created before `row`."""
         ...
 
     async def claim_legacy_copy(

@@ -124,6 +124,14 @@ _V5 = [
 ]
 
 
+# synchronous upstreams (the OpenAI Images API): a task is a job of ours, sent at most once
+_V6 = [
+    "ALTER TABLE tasks ADD COLUMN kind TEXT NOT NULL DEFAULT 'task'",
+    "ALTER TABLE tasks ADD COLUMN sent_at {real}",
+    "CREATE INDEX tasks_jobs ON tasks (created_at) WHERE kind = 'sync' AND state = 'queued'",
+]
+
+
 def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
     types = _TYPES[dialect]
     return [
@@ -132,4 +140,5 @@ def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
         (3, [statement.format(**types) for statement in _V3]),
         (4, [statement.format(**types) for statement in _V4]),
         (5, [statement.format(**types) for statement in _V5]),
+        (6, [statement.format(**types) for statement in _V6]),
     ]

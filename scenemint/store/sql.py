@@ -57,7 +57,7 @@ _TASK_COLUMNS = (
     " handed_at, idempotency_key, request_hash, image_url, revised_prompt, error_code, error,"
     " reference_path, reference_name, reference_type, created_at, updated_at,"
     " image_key, image_type, image_bytes, image_width, image_height, image_stored_at,"
-    " image_expired_at, upstream_done_at, fetch_attempts, fetch_error"
+    " image_expired_at, upstream_done_at, fetch_attempts, fetch_error, kind, sent_at"
 )
 _UNFINISHED = "('" + "','".join(sorted(UNFINISHED)) + "')"
 _FINISHED = "('completed','failed')"
@@ -413,8 +413,8 @@ class SQLStore:
             created = tx.one(
                 f"INSERT INTO tasks (id, fingerprint, mode, prompt, size, state, version,"
                 " refunded, lease_owner, lease_until, idempotency_key, request_hash,"
-                " reference_path, reference_name, reference_type, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " reference_path, reference_name, reference_type, created_at, updated_at, kind)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 f" RETURNING {_TASK_COLUMNS}",
                 task.id,
                 task.fingerprint,
@@ -431,6 +431,7 @@ class SQLStore:
                 task.reference_type,
                 now,
                 now,
+                task.kind,
             )
             assert created is not None
             _journal(tx, task.fingerprint, "charge", 1, task.id, now)
@@ -498,6 +499,7 @@ class SQLStore:
                 image.width if image else None,
                 image.height if image else None,
                 now if image else None,
+                now if decision.sent else None,
                 now,
                 row.id,
                 row.version,
@@ -521,7 +523,8 @@ class SQLStore:
                 " image_key = COALESCE(?, image_key), image_type = COALESCE(?, image_type),"
                 " image_bytes = COALESCE(?, image_bytes), image_width = COALESCE(?, image_width),"
                 " image_height = COALESCE(?, image_height),"
-                " image_stored_at = COALESCE(?, image_stored_at), updated_at = ?"
+                " image_stored_at = COALESCE(?, image_stored_at),"
+                " sent_at = COALESCE(?, sent_at), updated_at = ?"
                 f" WHERE id = ? AND version = ? AND state = ? AND state IN {_UNFINISHED}{guard}"
                 f" RETURNING {_TASK_COLUMNS}",
                 *params,
@@ -597,22 +600,46 @@ class SQLStore:
         now = self.now()
 
         def run(tx: Tx) -> list[LedgerTask]:
-            skip = " FOR UPDATE SKIP LOCKED" if tx.for_update else ""
-            rows = tx.all(
-                "UPDATE tasks SET lease_owner = ?, lease_until = ?, version = version + 1"
-                " WHERE id IN (SELECT id FROM tasks WHERE state = 'fetching' AND lease_until <= ?"
-                " AND handed_at IS NOT NULL"
-                f" ORDER BY lease_until, upstream_done_at LIMIT ?{skip})"
-                f" AND state = 'fetching' AND lease_until <= ? RETURNING {_TASK_COLUMNS}",
-                owner,
-                now + seconds,
-                now,
-                limit,
-                now,
+            return _claim(
+                tx,
+                "state = 'fetching' AND lease_until <= ? AND handed_at IS NOT NULL",
+                order="lease_until, upstream_done_at",
+                owner=owner,
+                until=now + seconds,
+                now=now,
+                limit=limit,
             )
-            return [_ledger_task(row) for row in rows]
 
         return await self._call(self._write(run))
+
+    async def claim_jobs(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
+        await self._check_clock()
+        now = self.now()
+
+        def run(tx: Tx) -> list[LedgerTask]:
+            return _claim(
+                tx,
+                "kind = 'sync' AND state = 'queued' AND lease_until <= ? AND handed_at IS NOT NULL",
+                order="created_at",
+                owner=owner,
+                until=now + seconds,
+                now=now,
+                limit=limit,
+            )
+
+        return await self._call(self._write(run))
+
+    async def queue_position(self, row: LedgerTask) -> int:
+        found = await self._call(
+            self._read(
+                lambda tx: tx.one(
+                    "SELECT COUNT(*) FROM tasks WHERE kind = 'sync' AND state = 'queued'"
+                    " AND created_at < ?",
+                    row.created_at,
+                )
+            )
+        )
+        return 1 + (int(found[0]) if found else 0)
 
     async def claim_legacy_copy(
         self, row: LedgerTask, *, owner: str, seconds: float
@@ -796,6 +823,44 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+def _claim(
+    tx: Tx, where: str, *, order: str, owner: str, until: float, now: float, limit: int
+) -> list[LedgerTask]:
+    """Lease up to `limit` rows matching `where` (one `?`: now), in `order`.
+
+    On PostgreSQL the rows are picked once, in a materialized CTE with `FOR UPDATE SKIP
+    LOCKED`: in a plain `WHERE id IN (SELECT ... LIMIT n)` the planner may run the
+    subquery more than once, and SKIP LOCKED then hands out more than n rows. On SQLite the
+    write lock is taken up front (BEGIN IMMEDIATE): one claim at a time.
+    """
+    if tx.for_update:
+        rows = tx.all(
+            f"WITH picked AS MATERIALIZED (SELECT id FROM tasks WHERE {where}"
+            f" ORDER BY {order} LIMIT ? FOR UPDATE SKIP LOCKED)"
+            " UPDATE tasks SET lease_owner = ?, lease_until = ?, version = tasks.version + 1"
+            f" FROM picked WHERE tasks.id = picked.id RETURNING {_qualified(_TASK_COLUMNS)}",
+            now,
+            limit,
+            owner,
+            until,
+        )
+    else:
+        rows = tx.all(
+            "UPDATE tasks SET lease_owner = ?, lease_until = ?, version = version + 1"
+            f" WHERE id IN (SELECT id FROM tasks WHERE {where} ORDER BY {order} LIMIT ?)"
+            f" RETURNING {_TASK_COLUMNS}",
+            owner,
+            until,
+            now,
+            limit,
+        )
+    return sorted((_ledger_task(row) for row in rows), key=lambda task: task.created_at)
+
+
+def _qualified(columns: str) -> str:
+    return ", ".join(f"tasks.{name.strip()}" for name in columns.split(","))
+
+
 def _by_key(tx: Tx, fingerprint: str, key: str) -> LedgerTask | None:
     row = tx.one(
         f"SELECT {_TASK_COLUMNS} FROM tasks WHERE fingerprint = ? AND idempotency_key = ?",
@@ -853,6 +918,8 @@ def _ledger_task(row: Sequence[Any]) -> LedgerTask:
         upstream_done_at=_float_or_none(row[29]),
         fetch_attempts=int(row[30] or 0),
         fetch_error=row[31],
+        kind=row[32],
+        sent_at=_float_or_none(row[33]),
     )
 
 

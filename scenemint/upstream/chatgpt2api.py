@@ -17,18 +17,20 @@ import uuid
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 from ..config import Settings
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..models import TaskListing, UpstreamTask
-from .http import ImageResponse, UpstreamHTTP
+from .http import ImageResponse, UpstreamHTTP, encode_multipart
 
 
 class Chatgpt2Api:
     """The chatgpt2api client: submit, list, download, stream. `open()` it, `close()` it."""
+
+    kind: Literal["chatgpt2api"] = "chatgpt2api"
 
     def __init__(self, http: UpstreamHTTP) -> None:
         self.http = http
@@ -177,35 +179,6 @@ class Chatgpt2Api:
 
 def _listing_path(ids: list[str]) -> str:
     return "/api/image-tasks?ids=" + ",".join(quote(i, safe="") for i in ids)
-
-
-def encode_multipart(
-    fields: Mapping[str, str], *, file_field: str, filename: str, content_type: str, data: bytes
-) -> tuple[bytes, str]:
-    """Build a multipart/form-data body in memory.
-
-    Built by hand, not streamed, so that the request goes out with a known Content-Length:
-    chatgpt2api (like many Python servers behind proxies) handles chunked uploads poorly.
-    """
-    boundary = f"scenemint-{uuid.uuid4().hex}"
-    parts: list[bytes] = []
-    for name, value in fields.items():
-        parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
-            + value.encode()
-            + b"\r\n"
-        )
-    parts.append(
-        (
-            f"--{boundary}\r\n"
-            f'Content-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
-            f"Content-Type: {content_type}\r\n\r\n"
-        ).encode()
-        + data
-        + b"\r\n"
-    )
-    parts.append(f"--{boundary}--\r\n".encode())
-    return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
 __all__ = ["Chatgpt2Api", "UpstreamError", "encode_multipart"]

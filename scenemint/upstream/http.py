@@ -17,6 +17,7 @@ import json
 import logging
 import random
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from .sse import SSEDecoder, SSEError
 log = logging.getLogger("scenemint.upstream")
 
 LOGGED_BODY_CHARS = 300
+_ERROR_BODY_BYTES = 8 * 1024  # read of an error answer (an OpenAI error object fits)
 MAX_JSON_BYTES = 8 * 1024 * 1024  # an upstream answer larger than this is not a task listing
 MAX_SSE_LINE = 256 * 1024
 _MAX_REDIRECTS = 3
@@ -147,6 +149,7 @@ class UpstreamHTTP:
         content_type: str | None = None,
         attempts: int = 1,
         counted: bool = True,
+        max_bytes: int = MAX_JSON_BYTES,
     ) -> Any:
         """One JSON call to the upstream's origin, tried `attempts` times on what may pass.
 
@@ -164,6 +167,7 @@ class UpstreamHTTP:
                     data=data,
                     content_type=content_type,
                     counted=counted,
+                    max_bytes=max_bytes,
                 )
             except UpstreamError as exc:
                 ambiguous = ambiguous or exc.ambiguous
@@ -186,6 +190,7 @@ class UpstreamHTTP:
         data: bytes | None,
         content_type: str | None,
         counted: bool,
+        max_bytes: int = MAX_JSON_BYTES,
     ) -> Any:
         if counted:
             self.check_breaker(op)
@@ -208,11 +213,13 @@ class UpstreamHTTP:
                     self.log_call(method, op, response.status, started)
                     if response.status >= 300:
                         body = await self.read_some(response)
-                        raise self.status_error(op, response.status, body, counted=counted)
+                        error = self.status_error(op, response.status, body, counted=counted)
+                        error.retry_after = _retry_after(response.headers.get("Retry-After"))
+                        raise error
                     raw = bytearray()
                     async for chunk in response.content.iter_any():
                         raw += chunk
-                        if len(raw) > MAX_JSON_BYTES:
+                        if len(raw) > max_bytes:
                             raise self.fail(
                                 op, "invalid", "answer too large", ambiguous=True, counted=counted
                             )
@@ -263,7 +270,8 @@ class UpstreamHTTP:
                 raise self.fail(
                     op,
                     "invalid",
-                    f"expected text/event-stream, got {response.content_type}: {start}",
+                    f"expected text/event-stream, got {response.content_type}:"
+                    f" {start[:LOGGED_BODY_CHARS]}",
                 )
             self.record(op, ok=True)
             yield self._events(op, response)
@@ -430,10 +438,10 @@ class UpstreamHTTP:
             return UpstreamUnavailable(
                 detail=f"{op}: HTTP {status}", upstream_status=status, reason="auth"
             )
-        return self.fail(
+        error = self.fail(
             op,
             f"http_{status // 100}xx",
-            f"HTTP {status}: {body}",
+            f"HTTP {status}: {body[:LOGGED_BODY_CHARS]}",
             upstream_status=status,
             # a 5xx (a gateway's 502/504 too) does not say whether the request was acted on
             ambiguous=status >= 500,
@@ -441,6 +449,8 @@ class UpstreamHTTP:
             # a 4xx is about our request, not the upstream's health
             counted=counted and status >= 500,
         )
+        error.upstream_code, error.upstream_message = _openai_error(body)
+        return error
 
     def fail(
         self,
@@ -474,13 +484,14 @@ class UpstreamHTTP:
             breaker.record(ok=ok)
 
     async def read_some(self, response: aiohttp.ClientResponse) -> str:
-        """The start of an error body, for the log: redacted first, then cut."""
+        """The start of an error body (enough of it for an OpenAI error object): redacted
+        first, then cut."""
         try:
             async with asyncio.timeout(2):
-                raw = await response.content.read(LOGGED_BODY_CHARS + len(self._key_bytes) * 2)
+                raw = await response.content.read(_ERROR_BODY_BYTES)
         except Exception:  # only for the log: whatever failed, say so
             return "<unreadable body>"
-        return self.cut(raw.decode("utf-8", "replace").strip())
+        return self.redact(raw.decode("utf-8", "replace").strip())
 
     def cut(self, text: str) -> str:
         """Redact, then cut to the logged length (a key straddling the cut never leaks)."""
@@ -490,6 +501,8 @@ class UpstreamHTTP:
         return text.replace(self._key, "[redacted]")
 
     def auth_headers(self) -> dict[str, str]:
+        if self.settings.openai_auth == "api-key":  # Azure OpenAI's key header
+            return {"api-key": self._key}
         return {"Authorization": f"Bearer {self._key}"}
 
     def _timeout(self) -> aiohttp.ClientTimeout:
@@ -505,3 +518,59 @@ class UpstreamHTTP:
             status,
             (time.perf_counter() - started) * 1000,
         )
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds of a Retry-After header given in seconds (a date is not worth honouring)."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds <= 3600 else None
+
+
+def _openai_error(body: str) -> tuple[str | None, str | None]:
+    """(code or type, message) of an OpenAI error object `{"error": {...}}`, if it is one."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None, None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not isinstance(error, dict):
+        return None, None
+    code = error.get("code") or error.get("type")
+    message = error.get("message")
+    return (
+        code if isinstance(code, str) else None,
+        message[:LOGGED_BODY_CHARS] if isinstance(message, str) else None,
+    )
+
+
+def encode_multipart(
+    fields: Mapping[str, str], *, file_field: str, filename: str, content_type: str, data: bytes
+) -> tuple[bytes, str]:
+    """Build a multipart/form-data body in memory.
+
+    Built by hand, not streamed, so that the request goes out with a known Content-Length:
+    chatgpt2api and many gateways (like many Python servers behind proxies) handle chunked
+    uploads poorly.
+    """
+    boundary = f"scenemint-{uuid.uuid4().hex}"
+    parts: list[bytes] = []
+    for name, value in fields.items():
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'.encode()
+            + value.encode()
+            + b"\r\n"
+        )
+    parts.append(
+        (
+            f"--{boundary}\r\n"
+            f'Content-Disposition: form-data; name="{file_field}"; filename="{filename}"\r\n'
+            f"Content-Type: {content_type}\r\n\r\n"
+        ).encode()
+        + data
+        + b"\r\n"
+    )
+    parts.append(f"--{boundary}--\r\n".encode())
+    return b"".join(parts), f"multipart/form-data; boundary={boundary}"

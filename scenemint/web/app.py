@@ -17,12 +17,12 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from ..images import open_image_store
-from ..jobs import Copier, Sweeper
+from ..jobs import Sweeper, copier, runner
 from ..metrics import Metrics
 from ..reconciler import Reconciler
 from ..service import ImageService
 from ..store import open_store
-from ..upstream import UpstreamClient
+from ..upstream import Upstream, open_upstream
 from .envelope import install_error_handlers
 from .fastpath import TaskPollFastPath
 from .middleware import RequestLogMiddleware
@@ -61,9 +61,9 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
                 settings = await _start_demo(stack, settings)
             store = await open_store(settings)
             stack.push_async_callback(store.close)
-            upstream = None
+            upstream: Upstream | None = None
             if settings.upstream_configured:
-                upstream = UpstreamClient.open(settings, metrics=metrics)
+                upstream = open_upstream(settings, metrics=metrics)
                 stack.push_async_callback(upstream.close)
             else:
                 log.warning(
@@ -79,14 +79,16 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
             )
             stack.enter_context(_end_streams_on_sigterm(service))
             reconciler = Reconciler(service)
-            copier = Copier(service)
+            copies = copier(service)
+            jobs = runner(service)
             sweeper = Sweeper(service)
-            for job in (reconciler, copier, sweeper):
+            for job in (reconciler, copies, jobs, sweeper):
                 job.start()
                 stack.push_async_callback(job.stop)
             app.state.service = service
             app.state.reconciler = reconciler
-            app.state.copier = copier
+            app.state.copier = copies
+            app.state.runner = jobs
             app.state.sweeper = sweeper
             yield
 
