@@ -3,12 +3,14 @@
 Two instances (each its own `ImageService` and its own store connection) share one database
 (a SQLite file, or a PostgreSQL schema) and one upstream model. Rules interleave generate
 requests with every submission outcome class, crashes before and after the upstream created
-a task, clients coming back with their Idempotency-Key, polls, reconcile rounds on either
-instance, upstream progress and the clock moving past leases, the resubmit window and the
-age limit. After every step:
+a task, crashes after the outcome was written but before the answer left, clients coming
+back with their Idempotency-Key, polls, reconcile rounds and image copies on either
+instance, upstream progress (and an upstream losing a finished image) and the clock moving
+past leases, the resubmit window, the fetch deadline and the age limit. After every step:
 
 - the audit holds (balances explained by the journal, one charge per task, failed = refunded);
-- a task whose id the client received and that the upstream completed is never refunded;
+- a task whose id the client received and that the upstream completed (with an image we
+  could copy) is never refunded;
 - no idempotency key names two tasks.
 
 And `settle` (the clock past one lease, then one round) checks that a task whose id never
@@ -22,6 +24,7 @@ import itertools
 import os
 import tempfile
 import uuid
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +43,14 @@ from hypothesis.stateful import (
 )
 
 from scenemint.errors import ScenemintError, UpstreamError
+from scenemint.jobs import copier
 from scenemint.models import TaskListing, UpstreamTask
 from scenemint.reconciler import Reconciler
 from scenemint.service import ImageService
 from scenemint.settlement import State
 from scenemint.store import NewTask, SQLStore
 from tests.conftest import POSTGRES_URL, SKIP_POSTGRES, make_settings
+from tests.fake_upstream import TINY_PNG
 
 LEASE = 30.0
 FINGERPRINTS = ("machine-fp-0001", "machine-fp-0002")
@@ -60,12 +65,32 @@ class Clock:
         return self.now
 
 
+class _Image:
+    def __init__(self, data: bytes) -> None:
+        self.content_type = "image/png"
+        self.content_length = len(data)
+        self.chunks = self._chunks(data)
+
+    async def _chunks(self, data: bytes):
+        yield data
+
+
 class ModelUpstream:
     """The upstream as the machine sees it: tasks by id, and how the next submission goes."""
 
     def __init__(self) -> None:
         self.tasks: dict[str, str] = {}  # id -> queued | running | completed | failed
         self.next_outcome = "created"
+        self.lost_images: set[str] = set()  # finished tasks whose image it no longer has
+        self.downloads: dict[str, int] = {}
+
+    @asynccontextmanager
+    async def open_image(self, url: str, *, deadline: float):
+        task_id = url.rsplit("/", 1)[-1]
+        self.downloads[task_id] = self.downloads.get(task_id, 0) + 1
+        if task_id in self.lost_images:
+            raise UpstreamError(detail="image: HTTP 404", upstream_status=404, reason="http_4xx")
+        yield _Image(TINY_PNG)
 
     def check_submit(self) -> None:
         return None  # no breaker in the model
@@ -88,7 +113,7 @@ class ModelUpstream:
 
     def _task(self, task_id: str) -> UpstreamTask:
         status = self.tasks[task_id]
-        url = "http://up/x.png" if status == "completed" else None
+        url = f"http://up/{task_id}" if status == "completed" else None
         return UpstreamTask(id=task_id, status=status, mode="text", image_url=url)
 
 
@@ -100,6 +125,7 @@ class Model:
     keys: dict[tuple[str, str], str] = field(default_factory=dict)  # (fp, key) -> prompt
     tasks_by_key: dict[tuple[str, str], set[str]] = field(default_factory=dict)
     completed_upstream: set[str] = field(default_factory=set)
+    unreachable_images: set[str] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -125,6 +151,7 @@ class SettlementMachine(RuleBasedStateMachine):
         self.tmp = Path(tempfile.mkdtemp(prefix="machine-"))
         self.counter = itertools.count()
         self.instances: list[tuple[ImageService, Reconciler]] = []
+        self.copiers: list = []
 
     def run(self, coro):
         return self.loop.run_until_complete(coro)
@@ -144,6 +171,7 @@ class SettlementMachine(RuleBasedStateMachine):
             store = self.run(SQLStore.open(settings.resolved_database_url(), clock=self.clock))
             service = ImageService(settings=settings, store=store, upstream=self.upstream)
             self.instances.append((service, Reconciler(service)))
+            self.copiers.append(copier(service))
         for fingerprint in FINGERPRINTS:
             self.run(self.instances[0][0].store.check_in(fingerprint))
 
@@ -176,6 +204,24 @@ class SettlementMachine(RuleBasedStateMachine):
             return  # no credits, or refused: the client got an error and no task id
         self.model.received.add(task.id)
         self.model.tasks_by_key.setdefault((fp, key), set()).add(task.id)
+
+    @rule(
+        who=st.integers(0, 1), fp=st.sampled_from(FINGERPRINTS), outcome=st.sampled_from(OUTCOMES)
+    )
+    def crash_before_the_answer_left(self, who: int, fp: str, outcome: str) -> None:
+        """The outcome was written, then the process died before the answer was sent: the
+        client has no task id (and no key to come back with)."""
+        service = self.instances[who][0]
+        self.upstream.next_outcome = outcome
+        try:
+            delivery = self.run(
+                service.generate_answer(prompt="lost answer", size="1:1", fingerprint=fp)
+            )
+        except ScenemintError:
+            return
+        self.model.tasks_by_key.setdefault((fp, f"no-key-{delivery.task.id}"), set()).add(
+            delivery.task.id
+        )  # never delivered: its lease lapses with the dead process
 
     @rule(
         target=pending,
@@ -260,6 +306,22 @@ class SettlementMachine(RuleBasedStateMachine):
             if status == "completed" and not (row is not None and row.refunded):
                 self.model.completed_upstream.add(task_id)
 
+    @rule(who=st.integers(0, 1))
+    def copy_images(self, who: int) -> None:
+        workers = self.copiers[who]
+        self.run(workers.run_once())
+        self.run(workers.idle())
+
+    @rule(pick=st.integers(0, 10_000))
+    def upstream_loses_an_image(self, pick: int) -> None:
+        finished = sorted(i for i, s in self.upstream.tasks.items() if s == "completed")
+        if finished:
+            task_id = finished[pick % len(finished)]
+            self.upstream.lost_images.add(task_id)
+            row = self.run(self.instances[0][0].store.get_task(task_id))
+            if row is None or row.image_key is None:  # not copied yet: it may never be
+                self.model.unreachable_images.add(task_id)
+
     @rule(pick=st.integers(0, 10_000))
     def upstream_forgets(self, pick: int) -> None:
         unfinished = [
@@ -270,6 +332,9 @@ class SettlementMachine(RuleBasedStateMachine):
 
     @rule(seconds=st.sampled_from([1.0, LEASE + 1, 700.0, 2000.0]))
     def time_passes(self, seconds: float) -> None:
+        if seconds > LEASE:  # the copiers run all the time: they would have had their turn
+            for who in (0, 1):
+                self.copy_images(who)
         self.clock.now += seconds
 
     @rule(who=st.integers(0, 1))
@@ -296,8 +361,27 @@ class SettlementMachine(RuleBasedStateMachine):
     @invariant()
     def a_received_task_completed_upstream_is_never_refunded(self) -> None:
         for row in self._rows():
-            if row.id in self.model.received and row.id in self.model.completed_upstream:
+            if (
+                row.id in self.model.received
+                and row.id in self.model.completed_upstream
+                and row.id not in self.model.unreachable_images
+            ):
                 assert not row.refunded, row
+
+    @invariant()
+    def a_completed_task_has_its_image_and_it_was_downloaded_once(self) -> None:
+        for row in self._rows():
+            if row.state == State.COMPLETED:
+                assert row.image_key is not None, row
+                assert self.upstream.downloads.get(row.id, 0) >= 1
+        for task_id, count in self.upstream.downloads.items():
+            row = self.run(self.instances[0][0].store.get_task(task_id))
+            if (
+                row is not None
+                and row.state == State.COMPLETED
+                and task_id not in (self.upstream.lost_images)
+            ):
+                assert count == 1, (task_id, count)
 
     @invariant()
     def no_key_names_two_tasks(self) -> None:
