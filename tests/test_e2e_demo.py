@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from tests.service_runner import free_port
@@ -19,7 +20,7 @@ from tests.service_runner import free_port
 FINGERPRINT = "e2e-demo-fingerprint"
 
 
-def start_demo(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], Path]:
+def start_demo(tmp_path: Path, port: int, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
     # a clean environment: no upstream or database of the developer's leaks into the demo
     env = {
         k: v
@@ -29,7 +30,7 @@ def start_demo(tmp_path: Path, port: int) -> tuple[subprocess.Popen[bytes], Path
     log_path = tmp_path / "serve.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "scenemint", "serve", "--demo", "--port", str(port)],
+            [sys.executable, "-m", "scenemint", "serve", "--demo", "--port", str(port), *extra],
             cwd=tmp_path,
             env=env,
             stdout=log,
@@ -51,10 +52,13 @@ def wait_ready(process: subprocess.Popen[bytes], url: str, log_path: Path) -> No
     raise AssertionError(f"not ready:\n{log_path.read_text()}")
 
 
-def test_demo_service_generates_serves_and_enhances(tmp_path):
+@pytest.mark.parametrize("kind", ["chatgpt2api", "openai"])
+def test_demo_service_generates_serves_and_enhances(tmp_path, kind):
+    """With either upstream kind, the original web UI's flow works unchanged: its poll loop
+    sees queued/running, then completed, and the image loads from the service."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process, log_path = start_demo(tmp_path, port)
+    process, log_path = start_demo(tmp_path, port, "--upstream-kind", kind)
     try:
         wait_ready(process, url, log_path)
         with httpx.Client(base_url=url, timeout=10) as http:
