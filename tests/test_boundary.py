@@ -564,3 +564,31 @@ def test_the_missing_task_message_speaks_chinese(service):
         f"/api/images/tasks/{uuid.uuid4()}", headers={"Accept-Language": "zh-CN"}
     )
     assert answer.json()["data"]["error"] == "任务不存在或已过期"
+
+
+def test_a_full_disk_under_the_database_never_answers_500_nor_loses_a_credit(
+    small_disk, upstream, logs
+):
+    """Issue 9, defect 7: on a full SQLite disk a client got 500 and paid for nothing."""
+    settings = make_settings(small_disk, upstream, data_dir=small_disk / "data", lease_seconds=0.5)
+    with running_service(settings) as running:
+        check_in(running)
+        received = []
+        filler = fill(small_disk)
+        try:
+            for index in range(8):
+                answer = running.http.post(
+                    GENERATE, json={"prompt": f"fox {index}", "fingerprint": FINGERPRINT}
+                )
+                assert answer.status_code in (200, 503), answer.text
+                assert answer.json()["code"] in (0, -1)
+                if answer.status_code == 200:
+                    received.append(answer.json()["data"]["id"])
+        finally:
+            filler.unlink()
+        time.sleep(0.6)  # leases of requests that could not finish lapse
+        running.run(running.app.state.reconciler.run_once())
+        report = audit(running)
+        assert report.ok, report.violations
+        kept = [t for t in received if not running.run(running.service.store.get_task(t)).refunded]
+        assert balance(running) == 10 - len(kept)
