@@ -1,14 +1,20 @@
-"""The image service: generate, get a task, open its image, enhance a prompt.
+"""The image service: generate, get a task, serve its image, enhance a prompt.
 
 This is the library API; the web layer only binds HTTP to it. It validates, charges and
 hands work on; where a task goes next and whether its credit comes back is decided by
 `settlement.decide` and written by the store, conditional on the row's version and lease.
 
-A generate request owns its row through a lease until it writes the outcome: the task as
-the upstream accepted it, a refusal (refunded at once), or "unknown" (the charge is kept,
-the lease released, and the reconciler asks the upstream straight away). The answer is
-marked handed to the client in that same write; a row whose answer never left is refunded
-by whoever settles it, unless the client comes back with its Idempotency-Key first.
+A generate request owns its row through a lease. With chatgpt2api it submits and writes the
+outcome (the task as the upstream accepted it, a refusal refunded at once, or "unknown":
+the charge is kept and the reconciler asks the upstream straight away); with the openai
+kind the row is a queued job for the runners. Either way the lease is kept until the answer
+has been sent (`Delivery`): only then is the task the client's. A row whose answer never
+left is refunded by whoever settles it, unless the client comes back with its
+Idempotency-Key first.
+
+Finished images are copied into the image store before a task is reported completed
+(`copy_image`, run by the copier in `jobs.py`); sync jobs are sent by the runner
+(`run_job`). Both hold the row's lease while they work.
 """
 
 from __future__ import annotations
