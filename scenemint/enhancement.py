@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 
 from .errors import UpstreamError
@@ -43,6 +43,7 @@ class EnhancementStream:
         deadline: float,
         chinese: bool = False,
         shutting_down: asyncio.Event | None = None,
+        redact: Callable[[str], str] = str,
     ) -> None:
         self._stack = stack
         self._events = events
@@ -50,6 +51,7 @@ class EnhancementStream:
         self._deadline = deadline  # loop time
         self._chinese = chinese
         self._shutting_down = shutting_down or asyncio.Event()
+        self._redact = redact  # the upstream key, in any spelling, never reaches a client
         self._closed = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -107,7 +109,7 @@ class EnhancementStream:
                 if item.strip() == b"[DONE]":
                     yield _DONE
                     return
-                frame = _chunk(item)
+                frame = _chunk(item, self._redact)
                 if frame is None:
                     # garbage or an error object: end with our own frame, never forward it
                     log.warning("enhancement stream: unexpected frame of %d bytes", len(item))
@@ -134,8 +136,9 @@ class EnhancementStream:
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _chunk(data: bytes) -> bytes | None:
-    """The frame re-encoded on one line, if it is a JSON object with a `choices` list."""
+def _chunk(data: bytes, redact: Callable[[str], str]) -> bytes | None:
+    """The frame re-encoded on one line (and redacted: decoding spelled out any escaped
+    text), if it is a JSON object with a `choices` list."""
     try:
         frame = json.loads(data)
     except (ValueError, RecursionError):
@@ -143,8 +146,8 @@ def _chunk(data: bytes) -> bytes | None:
     if not isinstance(frame, dict) or not isinstance(frame.get("choices"), list):
         return None
     # json.dumps escapes every control character: the frame can never hold a line break
-    text = json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    text = redact(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
     try:
         return text.encode()
     except UnicodeEncodeError:  # a lone surrogate (an escaped "\ud800"): keep it escaped
-        return json.dumps(frame, separators=(",", ":")).encode()
+        return redact(json.dumps(frame, separators=(",", ":"))).encode()

@@ -67,6 +67,8 @@ def _redact(line: str, secrets: tuple[str, ...]) -> str:
     for secret in secrets:
         if secret in line:
             line = line.replace(secret, "[redacted]")
+        elif secret.lower() in line.lower():  # in another case (a host name, say)
+            line = re.sub(re.escape(secret), "[redacted]", line, flags=re.IGNORECASE)
     return line
 
 

@@ -91,18 +91,26 @@ class UpstreamTask:
             id=obj["id"],
             status=map_status(obj.get("status")),
             mode=map_mode(obj.get("mode")),
-            image_url=url.strip() if isinstance(url, str) and url.strip() else None,
-            revised_prompt=revised if isinstance(revised, str) and revised else None,
+            image_url=clean_text(url, limit=8192) if isinstance(url, str) else None,
+            revised_prompt=clean_text(revised) if isinstance(revised, str) else None,
             error=_error_text(error),
         )
 
 
 def _error_text(error: object) -> str | None:
     if isinstance(error, str):
-        return error.strip() or None
+        return clean_text(error)
     if isinstance(error, dict) and isinstance(error.get("message"), str):
-        return error["message"].strip() or None
+        return clean_text(error["message"])
     return None
+
+
+def clean_text(value: str, *, limit: int = 4000) -> str | None:
+    """Upstream text as we keep it: no NUL, no unpaired surrogate (no database or encoder
+    downstream may choke on it: a task must never be stuck behind a write refused for its
+    text), at most `limit` characters, None when empty."""
+    text = value.replace("\x00", "").encode("utf-8", "replace").decode("utf-8").strip()
+    return text[:limit] or None
 
 
 @dataclass(frozen=True, slots=True)

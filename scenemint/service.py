@@ -885,6 +885,7 @@ class ImageService:
             deadline=deadline,
             chinese=chinese,
             shutting_down=self.shutting_down,
+            redact=upstream.http.redact,
         )
 
     # -- operations ---------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import random
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -31,6 +32,7 @@ from yarl import URL
 from ..config import Settings
 from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..metrics import Metrics
+from ..models import clean_text
 from .breaker import BreakerPolicy, CircuitBreaker
 from .sse import SSEDecoder, SSEError
 
@@ -38,6 +40,7 @@ log = logging.getLogger("scenemint.upstream")
 
 LOGGED_BODY_CHARS = 300
 _ERROR_BODY_BYTES = 8 * 1024  # read of an error answer (an OpenAI error object fits)
+_ERROR_BODY_SECONDS = 1.0  # an error answer's body is only for the log: never wait long
 MAX_JSON_BYTES = 8 * 1024 * 1024  # an upstream answer larger than this is not a task listing
 MAX_SSE_LINE = 256 * 1024
 _MAX_REDIRECTS = 3
@@ -102,6 +105,7 @@ class UpstreamHTTP:
         self._session = session
         self._key = key
         self._key_bytes = key.encode()
+        self._key_pattern = re.compile(re.escape(key), re.IGNORECASE)
         self.origin = origin_of(root)
         self.metrics = metrics or Metrics()
         image_origins = {self.origin} | {origin_of(host) for host in settings.image_hosts}
@@ -449,7 +453,9 @@ class UpstreamHTTP:
             # a 4xx is about our request, not the upstream's health
             counted=counted and status >= 500,
         )
-        error.upstream_code, error.upstream_message = _openai_error(body)
+        code, message = _openai_error(body)
+        error.upstream_code = clean_text(code, limit=100) if code else None
+        error.upstream_message = clean_text(self.redact(message)) if message else None
         return error
 
     def fail(
@@ -487,7 +493,7 @@ class UpstreamHTTP:
         """The start of an error body (enough of it for an OpenAI error object): redacted
         first, then cut."""
         try:
-            async with asyncio.timeout(2):
+            async with asyncio.timeout(_ERROR_BODY_SECONDS):
                 raw = await response.content.read(_ERROR_BODY_BYTES)
         except Exception:  # only for the log: whatever failed, say so
             return "<unreadable body>"
@@ -498,7 +504,9 @@ class UpstreamHTTP:
         return self.redact(text)[:LOGGED_BODY_CHARS]
 
     def redact(self, text: str) -> str:
-        return text.replace(self._key, "[redacted]")
+        """`text` without the key: spelled out in any case, or JSON-escaped (`\\/`,
+        `\\u0074` ...: an error body is decoded before it is searched)."""
+        return self._key_pattern.sub("[redacted]", _unescaped(text))
 
     def auth_headers(self) -> dict[str, str]:
         if self.settings.openai_auth == "api-key":  # Azure OpenAI's key header
@@ -518,6 +526,17 @@ class UpstreamHTTP:
             status,
             (time.perf_counter() - started) * 1000,
         )
+
+
+def _unescaped(text: str) -> str:
+    """JSON text with its string escapes resolved (`\\u0074est` -> `test`, `\\/` -> `/`),
+    so that a key the upstream echoed escaped is seen; other text as it is."""
+    if "\\" not in text:
+        return text
+    try:
+        return json.dumps(json.loads(text), ensure_ascii=False)
+    except (ValueError, RecursionError):
+        return text.replace("\\/", "/")
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -32,6 +32,7 @@ from typing import Any, Literal
 from ..config import Settings
 from ..errors import UpstreamError
 from ..metrics import Metrics
+from ..models import clean_text
 from .http import ImageResponse, UpstreamHTTP, encode_multipart
 
 log = logging.getLogger("scenemint.upstream")
@@ -169,7 +170,7 @@ class OpenAIImages:
         if first is None:
             raise self.http.fail("submit", "invalid", "answer without data[0]", ambiguous=True)
         revised = first.get("revised_prompt")
-        revised = self.http.redact(revised) if isinstance(revised, str) and revised else None
+        revised = clean_text(self.http.redact(revised)) if isinstance(revised, str) else None
         encoded = first.get("b64_json")
         if isinstance(encoded, str) and encoded:
             try:
@@ -180,8 +181,9 @@ class OpenAIImages:
                 ) from exc
             return GeneratedImage(data=raw, url=None, revised_prompt=revised)
         url = first.get("url")
-        if isinstance(url, str) and url.strip():
-            return GeneratedImage(data=None, url=url.strip(), revised_prompt=revised)
+        url = clean_text(url, limit=8192) if isinstance(url, str) else None
+        if url:
+            return GeneratedImage(data=None, url=url, revised_prompt=revised)
         raise self.http.fail("submit", "invalid", "answer without b64_json or url", ambiguous=True)
 
     # -- readiness ---------------------------------------------------------------------
