@@ -105,6 +105,7 @@ log = logging.getLogger("scenemint.service")
 T = TypeVar("T")
 
 _READY_CACHE_SECONDS = 5.0
+_STORED_IMAGES_KEPT = 50_000
 _BACKOFF = 0.2  # seconds before the first resubmission attempt; doubled each time, jittered
 _WRITE_ATTEMPTS = 3  # a settlement write that meets a database error is tried this often
 
@@ -192,6 +193,8 @@ class ImageService:
         # set when a task's image is waiting to be copied (the upstream finished it)
         self.needs_copy = asyncio.Event()
         self._legacy_copies: dict[str, asyncio.Future[LedgerTask]] = {}
+        # the stored image of a completed task never changes (only time expires it): kept
+        self._stored_images: dict[str, StoredImage] = {}
         self.answers = TaskAnswers(fresh_for=settings.poll_min_interval)
         self.references = References(settings.data_dir / "references")
         # set when a sync job is waiting for a runner (openai kind)
@@ -626,6 +629,11 @@ class ImageService:
         """The stored image of a completed task: NotFound while there is none, Gone once the
         retention rule deleted it. A task completed before the image store existed has its
         image copied on this first request."""
+        cached = self._stored_images.get(task_id)
+        if cached is not None:
+            if self._past_retention(cached.stored_at):
+                raise Gone()
+            return cached
         if not is_task_id(task_id):
             raise NotFound("image_not_ready")
         task = await self.get_task(task_id)  # it may have finished since the last poll
@@ -634,12 +642,12 @@ class ImageService:
         row = await self.store.get_task(task_id)
         if row is None or row.state != State.COMPLETED:
             raise NotFound("image_not_ready")
-        if self._expired(row):
+        if row.image_expired_at is not None or self._past_retention(row.image_stored_at):
             raise Gone()
         if row.image_key is None:
             row = await self._copy_legacy(row)
         assert row.image_key is not None and row.image_stored_at is not None
-        return StoredImage(
+        stored = StoredImage(
             task_id=row.id,
             key=row.image_key,
             content_type=row.image_type or "application/octet-stream",
@@ -647,13 +655,15 @@ class ImageService:
             stored_at=row.image_stored_at,
             store=self.images,
         )
+        if len(self._stored_images) >= _STORED_IMAGES_KEPT:
+            self._stored_images.clear()  # ids are UUIDs: bounded in bytes by the count
+        self._stored_images[task_id] = stored
+        return stored
 
-    def _expired(self, row: LedgerTask) -> bool:
-        if row.image_expired_at is not None:
-            return True
+    def _past_retention(self, stored_at: float | None) -> bool:
+        """The retention rule (the sweep applies the same one, then deletes the object)."""
         days = self.settings.image_retention_days
-        stored = row.image_stored_at
-        return bool(days and stored is not None and stored < self.store.now() - days * 86400)
+        return bool(days and stored_at is not None and stored_at < self.store.now() - days * 86400)
 
     async def copy_image(self, row: LedgerTask) -> Stored | FetchFailed:
         """Download the task's image, check it is one, store it under its content hash.

@@ -656,3 +656,35 @@ def test_a_failing_disk_keeps_the_charge_safe_and_recovers(small_disk, upstream,
         service.service._ready_at = -60.0
         assert service.http.get("/readyz").status_code == 200
         assert balance(service) == 9 and audit(service).ok
+
+
+# -- zero-copy serving: a slow reader blocks nobody, a reader that leaves frees everything ------
+
+
+def test_a_slow_or_vanishing_image_reader_never_holds_up_anyone(tmp_path, upstream, logs):
+    import socket
+
+    picture = noisy_png(1200, 1200)  # about 4 MiB: more than a socket buffer holds
+    settings = make_settings(tmp_path, upstream, max_image_bytes=64 * MiB)
+    with running_service(settings) as service:
+        task_id = new_task(service)
+        upstream.complete_task(task_id, image=picture)
+        assert wait_finished(service, task_id)["status"] == "completed"
+        readers = []
+        for _ in range(4):  # readers that take a little, then stop reading
+            sock = socket.create_connection(("127.0.0.1", service.port))
+            sock.sendall(f"GET {image_url(task_id)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            sock.recv(65536)
+            readers.append(sock)
+        started = time.monotonic()
+        for _ in range(20):  # everyone else is answered at once meanwhile
+            assert service.http.get(f"/api/images/tasks/{task_id}").status_code == 200
+        assert time.monotonic() - started < 2.0
+        whole = service.http.get(image_url(task_id))
+        assert whole.status_code == 200 and whole.content == picture
+        for sock in readers:  # they vanish mid-body
+            sock.close()
+        time.sleep(0.3)
+        again = service.http.get(image_url(task_id), headers={"Range": "bytes=1000-1999"})
+        assert again.status_code == 206 and again.content == picture[1000:2000]
+    assert "Traceback" not in logs.text()

@@ -62,8 +62,12 @@ class ImageStore(Protocol):
 
     async def head(self, key: str) -> ObjectInfo | None: ...
 
-    async def read(self, key: str, *, start: int = 0, end: int | None = None) -> ObjectBody | None:
-        """Open the object (or a range of it); None when it is not there."""
+    async def read(
+        self, key: str, *, start: int = 0, end: int | None = None, size: int | None = None
+    ) -> ObjectBody | None:
+        """Open the object (or a range of it); None when it is not there. With `size` (the
+        ledger knows it) the store does not ask for it: a missing object then fails the
+        read itself (ImageStoreUnavailable)."""
         ...
 
     def local_path(self, key: str) -> Path | None:

@@ -55,14 +55,18 @@ class FileImageStore:
             raise _unavailable("stat", key, exc) from exc
         return ObjectInfo(key=key, size=stat.st_size, modified=stat.st_mtime)
 
-    async def read(self, key: str, *, start: int = 0, end: int | None = None) -> ObjectBody | None:
+    async def read(
+        self, key: str, *, start: int = 0, end: int | None = None, size: int | None = None
+    ) -> ObjectBody | None:
         path = self._path(key)
-        info = await self.head(key)
-        if info is None:
-            return None
-        stop = info.size if end is None else min(end, info.size)
+        if size is None:
+            info = await self.head(key)
+            if info is None:
+                return None
+            size = info.size
+        stop = size if end is None else min(end, size)
         # the file is opened when the body is first read: a body never read holds nothing
-        return ObjectBody(size=info.size, start=start, end=stop, chunks=_chunks(path, start, stop))
+        return ObjectBody(size=size, start=start, end=stop, chunks=_chunks(path, start, stop))
 
     async def presigned_url(self, key: str, *, expires_in: float) -> str | None:
         return None

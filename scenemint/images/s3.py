@@ -21,6 +21,7 @@ import os
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from ..errors import ImageStoreUnavailable
 from .base import CHUNK, ObjectBody, ObjectInfo, is_key
@@ -94,23 +95,32 @@ class S3ImageStore:
             key=key, size=int(meta["size"]), modified=meta["last_modified"].timestamp()
         )
 
-    async def read(self, key: str, *, start: int = 0, end: int | None = None) -> ObjectBody | None:
-        info = await self.head(key)
-        if info is None:
-            return None
-        stop = info.size if end is None else min(end, info.size)
-        return ObjectBody(
-            size=info.size, start=start, end=stop, chunks=self._chunks(key, start, stop)
-        )
-
-    async def _chunks(self, key: str, start: int, stop: int) -> AsyncIterator[bytes]:
+    async def read(
+        self, key: str, *, start: int = 0, end: int | None = None, size: int | None = None
+    ) -> ObjectBody | None:
+        if size is None:
+            info = await self.head(key)
+            if info is None:
+                return None
+            size = info.size
+        stop = size if end is None else min(end, size)
         if start >= stop:
-            return
+            return ObjectBody(size=size, start=start, end=stop, chunks=_nothing())
+        # one request: a plain GET for the whole object, a ranged one for a part (the answer
+        # has begun before we answer: a missing object is still a clean error)
+        options: Any = {} if (start, stop) == (0, size) else {"range": (start, stop)}
         with self._translated("get", key):
-            async with asyncio.timeout(self._timeout):
-                result = await self._obstore.get_async(
-                    self._store, _checked(key), options={"range": (start, stop)}
-                )
+            try:
+                async with asyncio.timeout(self._timeout):
+                    result = await self._obstore.get_async(
+                        self._store, _checked(key), options=options
+                    )
+            except FileNotFoundError:
+                return None
+        return ObjectBody(size=size, start=start, end=stop, chunks=self._stream(result, key))
+
+    async def _stream(self, result: Any, key: str) -> AsyncIterator[bytes]:
+        with self._translated("get", key):
             stream = result.stream(min_chunk_size=CHUNK).__aiter__()
             while True:
                 async with asyncio.timeout(self._timeout):
@@ -172,3 +182,8 @@ def _checked(key: str) -> str:
     if not is_key(key):
         raise ValueError(f"not an image key: {key!r}")
     return key
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield b""  # an async generator that yields nothing

@@ -18,7 +18,8 @@ from .images import serve_image
 from .streaming import ClosingStreamResponse, unless_client_leaves
 
 
-def get_service(request: Request) -> ImageService:
+async def get_service(request: Request) -> ImageService:
+    # async: FastAPI runs a plain `def` dependency in its thread pool, a hop per request
     service: ImageService = request.app.state.service
     return service
 

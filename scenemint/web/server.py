@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -503,6 +505,12 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
         if self._header_timer is not None:
             self._cancel_header_timer()
         HttpToolsProtocol.on_headers_complete(self)
+        # only images are sent from files: their requests get the zero-copy extension (the
+        # request's task is created, not yet started: it will see both)
+        scope, cycle = self.scope, self.cycle
+        if scope.get("path", "").endswith("/image") and cycle is not None and cycle.scope is scope:
+            scope["extensions"] = {ZEROCOPY: {}}
+            cycle.send = functools.partial(_send, self, cycle, cycle.send)
 
     def on_body(self, body: bytes) -> None:
         self._credit_body(len(body))
@@ -513,6 +521,66 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
         if self._body_timer is not None:
             self._cancel_body_timer()
         HttpToolsProtocol.on_message_complete(self)
+
+
+# -- zero-copy file bodies --------------------------------------------------------------
+
+#: the ASGI extension (https://asgi.readthedocs.io/en/latest/extensions.html#zero-copy-send)
+ZEROCOPY = "http.response.zerocopysend"
+_FALLBACK_CHUNK = 256 * 1024
+
+
+async def _send(protocol: Any, cycle: Any, send: Any, message: dict[str, Any]) -> None:
+    if message["type"] == ZEROCOPY:
+        await _send_file(protocol, cycle, send, message)
+    else:
+        await send(message)
+
+
+async def _send_file(protocol: Any, cycle: Any, send: Any, message: dict[str, Any]) -> None:
+    """Write `count` bytes of the open file `file` from `offset` with `os.sendfile`, straight
+    from the page cache to the socket, in the event loop's thread and never blocking it.
+
+    uvloop's transports have no `sendfile`: while our bytes are queued in the transport the
+    file waits (the write-buffer limits are set to zero, so uvicorn's flow control says when
+    the queue is empty); when the socket is full, a chunk is queued the ordinary way, which
+    makes the transport wait for the socket to drain. A client that goes away ends it."""
+    transport: asyncio.Transport = protocol.transport
+    fd, offset = message["file"], int(message.get("offset", 0))
+    end = offset + int(message["count"])
+    sock = transport.get_extra_info("socket")
+    if sock is None or cycle.disconnected:
+        return
+    sock_fd = sock.fileno()
+    transport.set_write_buffer_limits(high=0, low=0)
+    try:
+        while offset < end and not cycle.disconnected and not transport.is_closing():
+            if transport.get_write_buffer_size():
+                await protocol.flow.drain()
+                continue
+            try:
+                sent = os.sendfile(sock_fd, fd, offset, end - offset)
+            except BlockingIOError:
+                chunk = os.pread(fd, min(_FALLBACK_CHUNK, end - offset), offset)
+                if not chunk:
+                    break
+                transport.write(chunk)
+                sent = len(chunk)
+            except OSError:  # the client went away (reset, broken pipe)
+                transport.close()
+                return
+            if sent == 0:
+                break  # the file is shorter than it was said to be
+            offset += sent
+            cycle.expected_content_length -= sent
+    finally:
+        if not transport.is_closing():
+            transport.set_write_buffer_limits()  # uvicorn's defaults again
+    if offset < end:
+        transport.close()  # a body shorter than its Content-Length: the client must see that
+        return
+    if not message.get("more_body", False):
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class GuardedH11Protocol(_Deadlines, H11Protocol):
