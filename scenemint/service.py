@@ -717,9 +717,8 @@ class ImageService:
         a running row that is failed and refunded, never sent again (the upstream may have
         made, and charged for, the image)."""
         upstream = self.upstream
-        if not isinstance(upstream, OpenAIImages):  # the upstream kind changed since
-            await self.store.renew(row, owner=self.owner, seconds=0)  # the age rule settles it
-            return None
+        if not isinstance(upstream, OpenAIImages):  # the upstream kind changed since:
+            return None  # keep the lease (no claim loop); the age rule settles the job
         reference = await self._load_reference(row) if row.mode == "image" else None
         if row.mode == "image" and reference is None:
             return await self._observe(row, ReferenceGone())

@@ -342,6 +342,37 @@ def test_two_instances_run_every_job_exactly_once_sharing_the_work(tmp_path, ope
             assert audit(a).ok
 
 
+def test_jobs_left_by_the_openai_kind_are_refunded_after_a_switch_never_spun_on(
+    tmp_path, openai, upstream, logs
+):
+    """An operator switches back to chatgpt2api with jobs still queued: nobody claims them
+    (no claim-and-release loop), and the age rule refunds them."""
+    openai.delay = 3.0
+    with running_service(openai_settings(tmp_path, openai, job_concurrency=1)) as running:
+        check_in(running)
+        sent = generate(running, "sent before the switch")
+        waiting = generate(running, "queued at the switch")
+        deadline = time.monotonic() + 5
+        while not openai.generations:
+            assert time.monotonic() < deadline, "the first job was never sent"
+            time.sleep(0.05)
+    switched = make_settings(
+        tmp_path, upstream, lease_seconds=1.0, task_max_age=3.0, reconcile_interval=0.3
+    )
+    with running_service(switched) as running:
+        owner = running.service.owner
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            assert row(running, waiting["id"]).lease_owner != owner, "a chatgpt2api runner took it"
+            time.sleep(0.05)
+        assert wait_finished(running, waiting["id"])["status"] == "failed"
+        assert wait_finished(running, sent["id"])["status"] == "failed"
+        assert row(running, waiting["id"]).error_code == "timed_out"
+        assert row(running, sent["id"]).error_code == "generation_interrupted"
+        assert balance(running) == 10 and audit(running).ok
+    assert len(openai.generations) == 1  # the queued job was never sent
+
+
 # -- the rest of the service does not change with the kind ----------------------------------------
 
 

@@ -22,7 +22,7 @@ from ..metrics import Metrics
 from ..reconciler import Reconciler
 from ..service import ImageService
 from ..store import open_store
-from ..upstream import Upstream, open_upstream
+from ..upstream import OpenAIImages, Upstream, open_upstream
 from .envelope import install_error_handlers
 from .fastpath import TaskPollFastPath
 from .middleware import RequestLogMiddleware
@@ -80,11 +80,14 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
             stack.enter_context(_end_streams_on_sigterm(service))
             reconciler = Reconciler(service)
             copies = copier(service)
-            jobs = runner(service)
+            # jobs run only where an OpenAI Images upstream can send them; jobs left queued by
+            # an earlier `openai` configuration are refunded by the reconciler's age rule
+            jobs = runner(service) if isinstance(upstream, OpenAIImages) else None
             sweeper = Sweeper(service)
             for job in (reconciler, copies, jobs, sweeper):
-                job.start()
-                stack.push_async_callback(job.stop)
+                if job is not None:
+                    job.start()
+                    stack.push_async_callback(job.stop)
             app.state.service = service
             app.state.reconciler = reconciler
             app.state.copier = copies
