@@ -342,7 +342,23 @@ def test_head_answers_the_headers_without_a_body(stored):
 
 
 def test_head_of_an_unfinished_task_is_404(service, upstream):
-    assert service.http.head(image_url(new_task(service))).status_code == 404
+    answer = service.http.head(image_url(new_task(service)))
+    assert answer.status_code == 404 and answer.content == b""
+    assert answer.headers["content-type"] == "application/json"
+
+
+def test_an_image_lost_from_the_store_is_a_clean_503(stored):
+    """Deleted behind the service's back after it was served (its description is reused):
+    the envelope says so before any byte of a body, and the client may try again."""
+    service, task_id, picture = stored
+    assert service.http.get(image_url(task_id)).content == picture
+    for path in (service.settings.data_dir / "images").rglob("*"):
+        if path.is_file():
+            path.unlink()
+    for _ in range(2):
+        answer = service.http.get(image_url(task_id), headers={"Accept-Language": "zh-CN"})
+        body = assert_envelope(answer, 503, "image_store_unavailable")
+        assert answer.headers["retry-after"] == "2" and body["message"]
 
 
 def test_if_none_match_with_the_etag_answers_304(stored):
