@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """SceneMint benchmark: the service side by side with nginx, a bare ASGI floor and the upstream.
 
-    python bench/run.py            # full run, ~15 s per measurement (a few minutes)
-    python bench/run.py --quick    # ~3 s per measurement, under a minute
+    python bench/run.py            # full run, ~15 s per measurement (about 4 minutes)
+    python bench/run.py --quick    # ~3 s per measurement, about 70 s
 
 Needs nginx and wrk (Debian: `apt-get install -y nginx-light wrk`). Everything listens on
 127.0.0.1 and is stopped at the end, on Ctrl-C and on errors too. Progress goes to stderr;
@@ -12,11 +12,17 @@ The full result, with the machine description, is written to bench/results.json.
 How it is wired (two phases, because the demo upstream has one task duration per process):
 
 - phase 1: the demo upstream with 0.3 s tasks and a 50 ms word delay (bench/upstream.py,
-  which also serves 4 MiB images and counts its requests), the service with one worker.
-  Completed tasks are made through the service (check-in, generate, poll until done), then:
-  polls of completed tasks, the image proxy against nginx, enhancement time to first byte
-  and buffering, and generate (the last: its thousands of tasks push older ones out of the
-  demo's memory).
+  which also serves distinct, valid 4 MiB PNGs and counts its requests), the service with
+  one worker and its default image store (a directory). Completed tasks are made through the
+  service (check-in, generate, poll until done: the service has copied their images into
+  its store by then), then: polls of completed tasks, stored images against nginx serving
+  the same files, enhancement time to first byte and buffering, and generate (the last: its
+  thousands of tasks push older ones out of the demo's memory). Then, on the same upstream,
+  each with a data directory of its own: a service with the S3 store on moto
+  (`python -m moto.server`), its images against nginx proxy_pass to the same moto; and two
+  service instances on one PostgreSQL database (a throwaway one, created and dropped here;
+  on one SQLite file when no PostgreSQL answers on 127.0.0.1:5432) with one shared image
+  directory, counting the upstream's image downloads per task.
 - phase 2: the demo upstream with tasks that never finish and a 1 s word delay; the
   service with one worker, then two. 64 unfinished tasks are made through the service
   (the demo calls them "queued" for their first 15 %, i.e. for ever here; to the service
@@ -40,10 +46,24 @@ The figures with targets:
 - upstream_calls_per_100_polls: the upstream's own count of task listings during the
   64-connection run above (closed-loop pollers, as fast as they are answered), per 100
   polls the service answered. nginx, which makes one call per poll, shows the original 100.
-- image_proxy_ratio_vs_nginx, image_proxy_rss_growth_mib: wrk, 16 connections downloading
-  4 MiB images through the service, then through nginx proxy_pass to the same upstream;
-  the service's VmRSS is sampled every 20 ms, growth is peak minus idle (after one
-  warm-up download).
+- image_store_ratio_vs_nginx, image_store_rss_growth_mib: wrk, 16 connections rotating over
+  16 distinct stored 4 MiB images, served by the service from its image directory, then by
+  nginx (one worker, `sendfile on`) from that same directory (`location /images/` aliased
+  to it: the same files, the same bytes); MiB/s of the service over MiB/s of nginx. The
+  service's VmRSS is sampled every 20 ms, growth is peak minus idle (after every image was
+  downloaded once, which also checks it against its ETag and finds its key).
+- image_s3_ratio_vs_nginx: the same with the service's S3 store (obstore, streaming, the
+  default SCENEMINT_IMAGE_REDIRECT=stream) on moto, against nginx proxy_pass to the same
+  moto for the same objects (GET /<bucket>/<prefix>/<key>). nginx sends no credentials: the
+  bench creates the bucket public-read (moto answers anonymous GETs of a private bucket
+  403). nginx streams too (proxy_buffering off) with 256 KiB buffers, the service's chunk
+  size (with its default one-page buffer it measured under half as fast against moto).
+  moto is one Python process and closes the connection after every answer, so both sides
+  are mostly bounded by it; the ratio says what the service adds on top.
+- image_downloads_per_task: 32 tasks made through two service instances (16 each) on one
+  database, then 64 closed-loop pollers (two per task, one on each instance, 10 ms between
+  polls) poll them until completed and download their images (each checked against its
+  ETag); the upstream's own count of image downloads during all of it, per task.
 - enhance_ttfb_overhead_ms: median time to the first SSE `data:` line through the service
   minus the same directly from the upstream's /v1/chat/completions (the body the service
   itself sends), runs alternating.
@@ -52,6 +72,10 @@ The figures with targets:
 - streams_1000_rss_mib: 1,000 enhancement streams opened at once (upstream word delay
   1 s keeps them open); the service's peak VmRSS once all have their first frame (or the
   wait ran out: then the target counts as missed and the note says how many were open).
+- job_runner_utilisation: last, alone on the machine: bench/jobs.py (the openai kind, a fake
+  OpenAI Images API holding every generation 2 s, 4 runners, 6 rounds of jobs submitted at
+  once): generations in flight over runners, integrated from the first start to the last.
+  The poll figures above are the chatgpt2api kind's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -60,6 +84,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import hashlib
 import itertools
 import json
 import os
@@ -81,6 +106,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
+import jobs  # bench/jobs.py, beside this file (its own script too)
 
 BENCH = Path(__file__).resolve().parent
 PY = sys.executable
@@ -89,6 +115,11 @@ IMAGE_BYTES = 4 * MiB
 POLLERS = 64
 IMAGE_CONNECTIONS = 16
 IMAGES = 16
+MULTI_TASKS = 32
+MULTI_POLLERS = 64
+S3_BUCKET = "scenemint-bench"
+S3_PREFIX = "images"
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 STREAMS = 1000
 FAST_TASK_SECONDS = 0.3
 PHASE1_WORD_DELAY = 0.05
@@ -107,10 +138,11 @@ class Plan:
     ttfb_runs: int
     buffer_streams: int
     stream_wait: float
+    job_rounds: int
 
 
-QUICK = Plan(True, 3, 2, 3.0, 15, 3, 8.0)
-FULL = Plan(False, 15, 8, 15.0, 60, 10, 30.0)
+QUICK = Plan(True, 3, 2, 3.0, 15, 3, 8.0, 2)
+FULL = Plan(False, 15, 8, 15.0, 60, 10, 30.0, 6)
 
 
 def say(message: str) -> None:
@@ -368,12 +400,14 @@ class Service:
         self.base = f"http://127.0.0.1:{port}"
 
 
-def service_env(upstream: str, key: str, data_dir: Path) -> dict[str, str]:
+def service_env(
+    upstream: str, key: str, data_dir: Path, extra: dict[str, str] | None = None
+) -> dict[str, str]:
     # our own settings only: nothing inherited from the shell or a .env file may change them
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("SCENEMINT_", "CHATGPT2API_")) and k not in ("HOST", "PORT")
+        if not k.startswith(("SCENEMINT_", "CHATGPT2API_", "AWS_")) and k not in ("HOST", "PORT")
     }
     env.update(
         CHATGPT2API_BASE_URL=upstream,
@@ -381,6 +415,7 @@ def service_env(upstream: str, key: str, data_dir: Path) -> dict[str, str]:
         SCENEMINT_DATA_DIR=str(data_dir),
         SCENEMINT_LOG_LEVEL="WARNING",  # a log line per request would dominate the poll path
     )
+    env.update(extra or {})
     return env
 
 
@@ -444,6 +479,79 @@ async def upstream_counts(http: aiohttp.ClientSession, upstream: str) -> dict[st
     async with http.get(f"{upstream}/bench/stats") as resp:
         counts: dict[str, int] = await resp.json()
     return counts
+
+
+async def metric_value(http: aiohttp.ClientSession, base: str, name: str) -> float:
+    """One unlabelled sample of the service's /metrics (0 when it is not there)."""
+    async with http.get(f"{base}/metrics") as resp:
+        text = await resp.text()
+    for line in text.splitlines():
+        sample, _, value = line.partition(" ")
+        if sample == name:
+            return float(value)
+    return 0.0
+
+
+# --------------------------------------------------------------------------- images
+
+
+async def fetch_image(http: aiohttp.ClientSession, url: str, *, etag: bool = True) -> str:
+    """Download a whole image; the SHA-256 of its bytes, checked against the service's
+    ETag (the SHA-256 of the bytes) unless `etag` is false (nginx makes its own)."""
+    async with http.get(url) as resp:
+        body = await resp.read()
+        tag = resp.headers.get("ETag") if etag else None
+        if resp.status != 200 or len(body) != IMAGE_BYTES:
+            raise RuntimeError(f"image {url}: {resp.status}, {len(body)} bytes")
+    digest = hashlib.sha256(body).hexdigest()
+    if tag is not None and tag.strip('"') != digest:
+        raise RuntimeError(f"image {url}: ETag {tag} but the bytes hash to {digest}")
+    return digest
+
+
+async def stored_keys(http: aiohttp.ClientSession, base: str, ids: list[str]) -> list[str]:
+    """The image store key of each task's image (`ab/abcdef…`, see scenemint.images.base),
+    from the bytes the service serves; every image is downloaded once on the way."""
+    keys = []
+    for task_id in ids:  # one at a time: sixteen 4 MiB bodies at once are no warm-up
+        digest = await fetch_image(http, f"{base}/api/images/tasks/{task_id}/image")
+        keys.append(f"{digest[:2]}/{digest}")
+    return keys
+
+
+def start_moto(procs: Processes, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    cmd = [PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    return procs.start("moto", cmd, cwd=tmp), port
+
+
+async def create_public_bucket(http: aiohttp.ClientSession, endpoint: str, bucket: str) -> None:
+    # moto checks no signature; public-read lets nginx GET objects without credentials
+    # (moto answers anonymous GETs of a private bucket 403)
+    async with http.put(f"{endpoint}/{bucket}", headers={"x-amz-acl": "public-read"}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"moto: creating bucket {bucket}: {resp.status} {await resp.text()}")
+
+
+def create_database(name: str) -> str | None:
+    """A throwaway PostgreSQL database on 127.0.0.1:5432 (trust auth); None when there is
+    no server there."""
+    import psycopg
+
+    try:
+        with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True, connect_timeout=3) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+    except psycopg.OperationalError as exc:
+        say(f"  no PostgreSQL on 127.0.0.1:5432 ({' '.join(str(exc).split())[:120]})")
+        return None
+    return f"{POSTGRES}/{name}"
+
+
+def drop_database(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(f"{POSTGRES}/postgres", autocommit=True, connect_timeout=3) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --------------------------------------------------------------------------- enhancement
@@ -664,6 +772,34 @@ def wrk_figures(
 # --------------------------------------------------------------------------- the run
 
 
+@dataclass(frozen=True)
+class Ports:
+    """nginx's listening ports: proxy to upstream 1, to upstream 2, files, proxy to S3."""
+
+    up1: int
+    up2: int
+    files: int
+    s3: int
+
+
+@dataclass(frozen=True)
+class ImageRun:
+    ours_mib: float
+    theirs_mib: float
+    idle: float
+    peak: float
+    hwm: float
+    errors: int
+
+    @property
+    def ratio(self) -> float:
+        return self.ours_mib / self.theirs_mib if self.theirs_mib else 0.0
+
+    @property
+    def growth(self) -> float:
+        return self.peak - self.idle
+
+
 class Bench:
     def __init__(self, plan: Plan, tmp: Path, procs: Processes) -> None:
         self.plan = plan
@@ -688,13 +824,20 @@ class Bench:
         return self.procs.start(name, cmd, cwd=self.tmp), f"http://127.0.0.1:{port}"
 
     async def start_service(
-        self, http: aiohttp.ClientSession, upstream: str, workers: int, name: str
+        self,
+        http: aiohttp.ClientSession,
+        upstream: str,
+        workers: int,
+        name: str,
+        *,
+        data_dir: Path | None = None,
+        extra: dict[str, str] | None = None,
     ) -> Service:
         port = free_port()
         cmd = [PY, "-m", "scenemint", "serve", "--port", str(port)]
         if workers > 1:
             cmd += ["--workers", str(workers)]
-        env = service_env(upstream, self.key, self.data_dir)
+        env = service_env(upstream, self.key, data_dir or self.data_dir, extra)
         # cwd: a directory without a .env file, so only the environment above counts
         proc = self.procs.start(name, cmd, env=env, cwd=self.tmp)
         service = Service(proc, port, workers, name)
@@ -704,10 +847,12 @@ class Bench:
         say(f"{name} up on {service.base} ({workers} worker{'s' if workers > 1 else ''})")
         return service
 
-    def start_nginx(self, up1: str, up2: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    def start_nginx(
+        self, up1: str, up2: str, s3_port: int
+    ) -> tuple[subprocess.Popen[bytes], Ports]:
         ngx = self.tmp / "nginx"
         ngx.mkdir()
-        port1, port2 = free_port(), free_port()
+        ports = Ports(free_port(), free_port(), free_port(), free_port())
         text = (BENCH / "nginx.conf.template").read_text()
         for name, value in {
             # as root, nginx's workers would run as nobody, who cannot enter our temp dir
@@ -716,14 +861,19 @@ class Bench:
             "@KEY@": self.key,
             "@UP1@": up1.rsplit(":", 1)[1],
             "@UP2@": up2.rsplit(":", 1)[1],
-            "@PORT1@": str(port1),
-            "@PORT2@": str(port2),
+            "@S3@": str(s3_port),
+            # the phase-1 service's image directory (its default store: <data dir>/images)
+            "@IMAGES@": str(self.data_dir / "images"),
+            "@PORT1@": str(ports.up1),
+            "@PORT2@": str(ports.up2),
+            "@PORT3@": str(ports.files),
+            "@PORT4@": str(ports.s3),
         }.items():
             text = text.replace(name, value)
         conf = ngx / "nginx.conf"
         conf.write_text(text)
         proc = self.procs.start("nginx", ["nginx", "-c", str(conf), "-p", str(ngx)], cwd=ngx)
-        return proc, port1, port2
+        return proc, ports
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=60)
@@ -735,26 +885,56 @@ class Bench:
             floor = self.procs.start(
                 "asgi-floor", [PY, str(BENCH / "asgi_floor.py"), "--port", str(floor_port)]
             )
-            nginx, ngx1, ngx2 = self.start_nginx(up1_url, up2_url)
+            moto, moto_port = start_moto(self.procs, self.tmp)
+            moto_url = f"http://127.0.0.1:{moto_port}"
+            nginx, ports = self.start_nginx(up1_url, up2_url, moto_port)
             floor_url = f"http://127.0.0.1:{floor_port}"
             await asyncio.gather(
                 wait_http(http, f"{up1_url}/bench/stats", up1, self.procs, "upstream-1"),
                 wait_http(http, f"{up2_url}/bench/stats", up2, self.procs, "upstream-2"),
                 wait_http(http, f"{floor_url}/", floor, self.procs, "asgi-floor"),
                 wait_http(
-                    http, f"http://127.0.0.1:{ngx1}/nginx-health", nginx, self.procs, "nginx"
+                    http, f"http://127.0.0.1:{ports.up1}/nginx-health", nginx, self.procs, "nginx"
                 ),
+                wait_http(http, f"{moto_url}/moto-api/", moto, self.procs, "moto"),
             )
-            completed = await self.phase1(http, up1_url, ngx1)
+            await create_public_bucket(http, moto_url, S3_BUCKET)
+            completed = await self.phase1(http, up1_url, ports)
+            await self.s3_images(http, up1_url, moto_url, ports)
+            self.procs.stop(moto)
+            await self.downloads_per_task(http, up1_url)
             self.procs.stop(up1)
-            await self.phase2(http, up2_url, ngx2, floor_url, completed)
+            await self.phase2(http, up2_url, ports.up2, floor_url, completed)
             self.procs.stop(floor)
             self.procs.stop(nginx)
             self.procs.stop(up2)
+        await self.job_runner()
+
+    # -- the openai kind's job runner (bench/jobs.py) ----------------------------------------
+
+    async def job_runner(self) -> None:
+        say(f"job runner: openai kind, {jobs.RUNNERS} runners, 2 s generations")
+        result = await jobs.measure(rounds=self.plan.job_rounds)
+        ratio = result["utilisation"]
+        self.add(
+            figure(
+                "openai kind job runner",
+                "job_runner_utilisation",
+                ratio,
+                "ratio",
+                target=">= 0.95",
+                met=ratio >= 0.95,
+                note=(
+                    f"{result['tasks']} jobs of {result['generation_seconds']} s on"
+                    f" {result['runners']} runners: all done in {result['all_done_s']} s"
+                    f" (ideal {result['ideal_s']} s)"
+                ),
+            )
+        )
 
     # -- phase 1: completed tasks, images, enhancement, generate ----------------------------
 
-    async def phase1(self, http: aiohttp.ClientSession, upstream: str, nginx: int) -> list[str]:
+    async def phase1(self, http: aiohttp.ClientSession, upstream: str, ports: Ports) -> list[str]:
         plan = self.plan
         say("phase 1: demo upstream with 0.3 s tasks, service with 1 worker")
         svc = await self.start_service(http, upstream, 1, "service-phase1")
@@ -777,7 +957,7 @@ class Bench:
             *wrk_figures("poll completed task (service, 1 worker)", "poll_completed", result, "_1w")
         )
 
-        await self.images(http, svc, ids, nginx)
+        await self.file_images(http, svc, ids, ports.files)
         await self.enhancement(http, svc, upstream)
 
         say(f"generate: 64 clients, {plan.generate_seconds:.0f} s")
@@ -795,66 +975,244 @@ class Bench:
         self.procs.stop(svc.proc)
         return ids
 
-    async def images(
-        self, http: aiohttp.ClientSession, svc: Service, ids: list[str], nginx: int
-    ) -> None:
-        plan = self.plan
+    async def compare_images(
+        self,
+        svc: Service,
+        ids: list[str],
+        reference: str,
+        reference_paths: list[str],
+        what: str,
+    ) -> ImageRun:
+        """wrk over the tasks' images, through the service (RSS sampled) and then `reference`."""
         paths = [f"/api/images/tasks/{i}/image" for i in ids]
-        # one download first, so that idle is measured with the image path's code loaded
-        async with http.get(svc.base + paths[0]) as resp:
-            body = await resp.read()
-            if resp.status != 200 or len(body) != IMAGE_BYTES:
-                raise RuntimeError(f"image download: {resp.status}, {len(body)} bytes")
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # the downloads before this one are over
         idle, _ = rss_mib(svc.proc.pid)
         async with RssSampler(svc.proc.pid) as sampler:
             ours = await self.wrk.run(
                 svc.base,
                 paths,
                 connections=IMAGE_CONNECTIONS,
-                seconds=plan.wrk_seconds,
-                label="image proxy, service",
+                seconds=self.plan.wrk_seconds,
+                label=f"{what}, service",
             )
         _, hwm = rss_mib(svc.proc.pid)
         theirs = await self.wrk.run(
-            f"http://127.0.0.1:{nginx}",
-            paths,
+            reference,
+            reference_paths,
             connections=IMAGE_CONNECTIONS,
-            seconds=plan.wrk_seconds,
-            label="image proxy, nginx",
+            seconds=self.plan.wrk_seconds,
+            label=f"{what}, nginx",
         )
-        ours_mib = ours.requests * IMAGE_BYTES / MiB / ours.seconds
-        theirs_mib = theirs.requests * IMAGE_BYTES / MiB / theirs.seconds
-        ratio = ours_mib / theirs_mib if theirs_mib else 0.0
-        growth = sampler.peak - idle
+        run = ImageRun(
+            ours_mib=ours.requests * IMAGE_BYTES / MiB / ours.seconds,
+            theirs_mib=theirs.requests * IMAGE_BYTES / MiB / theirs.seconds,
+            idle=idle,
+            peak=sampler.peak,
+            hwm=hwm,
+            errors=ours.errors + theirs.errors,
+        )
         say(
-            f"  service {ours_mib:,.0f} MiB/s, nginx {theirs_mib:,.0f} MiB/s, RSS +{growth:.1f} MiB"
+            f"  service {run.ours_mib:,.0f} MiB/s, nginx {run.theirs_mib:,.0f} MiB/s"
+            f" (ratio {run.ratio:.2f}), RSS +{run.growth:.1f} MiB"
         )
-        scenario = "image proxy (4 MiB images, 16 connections)"
-        ratio_met = ratio >= 0.5
-        growth_met = growth <= 30
-        errors = ours.errors + theirs.errors
+        return run
+
+    async def file_images(
+        self, http: aiohttp.ClientSession, svc: Service, ids: list[str], nginx: int
+    ) -> None:
+        say(f"images from the file store: {len(ids)} distinct 4 MiB images")
+        # every image once (this also loads the image path's code before idle is measured)
+        keys = await stored_keys(http, svc.base, ids)
+        for key in keys:
+            if not (self.data_dir / "images" / key).is_file():
+                raise RuntimeError(f"image {key} is not in the service's image directory")
+        nginx_base = f"http://127.0.0.1:{nginx}"
+        nginx_paths = [f"/images/{key}" for key in keys]
+        served = await fetch_image(http, nginx_base + nginx_paths[0], etag=False)
+        if served != keys[0].partition("/")[2]:
+            raise RuntimeError("nginx serves other bytes than the service")
+        run = await self.compare_images(svc, ids, nginx_base, nginx_paths, "stored image")
+        scenario = "stored images, file store (16 distinct 4 MiB images, 16 connections, 1 worker)"
+        ratio_met = run.ratio >= 0.8
+        growth_met = run.growth <= 30
         self.add(
-            figure(scenario, "image_proxy_mib_s", ours_mib, "MiB/s", reference=theirs_mib,
-                   reference_metric="nginx_image_mib_s",
-                   note=f"{errors} failed downloads" if errors else None),
-            figure(scenario, "nginx_image_mib_s", theirs_mib, "MiB/s"),
+            figure(scenario, "image_store_mib_s", run.ours_mib, "MiB/s",
+                   reference=run.theirs_mib, reference_metric="nginx_sendfile_mib_s",
+                   note=f"{run.errors} failed downloads" if run.errors else None),
+            figure(scenario, "nginx_sendfile_mib_s", run.theirs_mib, "MiB/s"),
             figure(
-                scenario, "image_proxy_ratio_vs_nginx", ratio, "ratio",
-                reference=theirs_mib, reference_metric="nginx_image_mib_s",
-                target=">= 0.5 (50% of nginx proxy_pass)", met=ratio_met,
-                note=None if ratio_met else f"missed by {0.5 - ratio:.2f} ({ratio:.0%} of nginx)",
+                scenario, "image_store_ratio_vs_nginx", run.ratio, "ratio",
+                reference=run.theirs_mib, reference_metric="nginx_sendfile_mib_s",
+                target=">= 0.8 (80% of nginx sendfile of the same files)", met=ratio_met,
+                note=None if ratio_met
+                else f"missed by {0.8 - run.ratio:.2f} ({run.ratio:.0%} of nginx)",
             ),
             figure(
-                scenario, "image_proxy_rss_growth_mib", growth, "MiB",
-                reference=idle, reference_metric="image_proxy_idle_rss_mib",
+                scenario, "image_store_rss_growth_mib", run.growth, "MiB",
+                reference=run.idle, reference_metric="image_store_idle_rss_mib",
                 target="<= 30 MiB over idle", met=growth_met,
-                note=None if growth_met else f"missed by {growth - 30:.1f} MiB",
+                note=None if growth_met else f"missed by {run.growth - 30:.1f} MiB",
             ),
-            figure(scenario, "image_proxy_idle_rss_mib", idle, "MiB"),
-            figure(scenario, "image_proxy_peak_rss_mib", sampler.peak, "MiB",
-                   note=f"VmHWM since start {hwm:.1f} MiB"),
+            figure(scenario, "image_store_idle_rss_mib", run.idle, "MiB"),
+            figure(scenario, "image_store_peak_rss_mib", run.peak, "MiB",
+                   note=f"VmHWM since start {run.hwm:.1f} MiB"),
         )  # fmt: skip
+
+    async def s3_images(
+        self, http: aiohttp.ClientSession, upstream: str, moto: str, ports: Ports
+    ) -> None:
+        say(f"images from the S3 store (moto at {moto}), service with 1 worker")
+        extra = {
+            "SCENEMINT_IMAGE_STORE": f"s3://{S3_BUCKET}/{S3_PREFIX}",
+            "AWS_ENDPOINT_URL": moto,
+            "AWS_REGION": "us-east-1",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+        }
+        svc = await self.start_service(
+            http, upstream, 1, "service-s3", data_dir=self.tmp / "data-s3", extra=extra
+        )
+        ids = await make_tasks(
+            http, svc.base, IMAGES, "a lighthouse in the fog, benchmark", f"bench{self.token}-s3"
+        )
+        await wait_completed(http, svc.base, ids)
+        keys = await stored_keys(http, svc.base, ids)
+        nginx_base = f"http://127.0.0.1:{ports.s3}"
+        nginx_paths = [f"/{S3_BUCKET}/{S3_PREFIX}/{key}" for key in keys]
+        # nginx reads the object straight from moto: the same bytes the service copied there
+        served = await fetch_image(http, nginx_base + nginx_paths[0], etag=False)
+        if served != keys[0].partition("/")[2]:
+            raise RuntimeError("nginx (from moto) serves other bytes than the service")
+        run = await self.compare_images(svc, ids, nginx_base, nginx_paths, "S3 image")
+        self.procs.stop(svc.proc)
+        scenario = "stored images, S3 store on moto, streamed (16 distinct 4 MiB, 16 connections)"
+        ratio_met = run.ratio >= 0.7
+        self.add(
+            figure(scenario, "image_s3_mib_s", run.ours_mib, "MiB/s",
+                   reference=run.theirs_mib, reference_metric="nginx_s3_proxy_mib_s",
+                   note=f"{run.errors} failed downloads" if run.errors else None),
+            figure(scenario, "nginx_s3_proxy_mib_s", run.theirs_mib, "MiB/s"),
+            figure(
+                scenario, "image_s3_ratio_vs_nginx", run.ratio, "ratio",
+                reference=run.theirs_mib, reference_metric="nginx_s3_proxy_mib_s",
+                target=">= 0.7 (70% of nginx proxy_pass to the same S3)", met=ratio_met,
+                note=None if ratio_met
+                else f"missed by {0.7 - run.ratio:.2f} ({run.ratio:.0%} of nginx)",
+            ),
+            figure(scenario, "image_s3_rss_growth_mib", run.growth, "MiB",
+                   reference=run.idle, reference_metric="image_s3_idle_rss_mib"),
+            figure(scenario, "image_s3_idle_rss_mib", run.idle, "MiB"),
+        )  # fmt: skip
+
+    async def downloads_per_task(self, http: aiohttp.ClientSession, upstream: str) -> None:
+        database = f"scenemint_bench_{self.token}"
+        url = await asyncio.to_thread(create_database, database)
+        where = "one PostgreSQL database" if url else "one SQLite file (no PostgreSQL answered)"
+        say(f"image downloads per task: two instances on {where}, {MULTI_POLLERS} pollers")
+        extra = {"SCENEMINT_IMAGE_STORE": f"file://{self.tmp / 'images-shared'}"}
+        if url:
+            extra["SCENEMINT_DATABASE_URL"] = url
+        instances: list[Service] = []
+        try:
+            for name in ("a", "b"):
+                # own data directories on PostgreSQL; on SQLite the ledger is in the data dir
+                data_dir = self.tmp / (f"data-multi-{name}" if url else "data-multi")
+                instances.append(
+                    await self.start_service(
+                        http, upstream, 1, f"service-multi-{name}", data_dir=data_dir, extra=extra
+                    )
+                )
+            (ids, served, polls, took), downloads = await self.poll_and_download(
+                http, upstream, instances
+            )
+            copies = [await metric_value(http, s.base, "scenemint_image_copies_total")
+                      for s in instances]  # fmt: skip
+        finally:
+            for svc in instances:
+                self.procs.stop(svc.proc)
+            if url:
+                await asyncio.to_thread(drop_database, database)
+        per_task = downloads / len(ids)
+        say(
+            f"  {downloads} image downloads upstream for {len(ids)} tasks"
+            f" ({per_task:.2f} per task), {served} images served, {polls} polls, {took:.1f} s;"
+            f" copies by instance: {', '.join(f'{c:.0f}' for c in copies)}"
+        )
+        scenario = (
+            f"image downloads from the upstream per task ({len(ids)} tasks, {MULTI_POLLERS}"
+            f" pollers, 2 instances on {where})"
+        )
+        met = per_task <= 1.0 and served == MULTI_POLLERS
+        problems = []
+        if per_task > 1.0:
+            problems.append(f"{downloads - len(ids)} downloads more than one per task")
+        if served != MULTI_POLLERS:
+            problems.append(f"only {served} of {MULTI_POLLERS} pollers got their image")
+        self.add(
+            figure(
+                scenario, "image_downloads_per_task", per_task, "downloads",
+                reference=len(ids), reference_metric="tasks",
+                target="<= 1.0", met=met, note="; ".join(problems) or None,
+            ),
+            figure(scenario, "image_downloads_upstream", downloads, "downloads"),
+            figure(scenario, "image_downloads_served", served, "images"),
+            figure(scenario, "image_downloads_polls", polls, "polls",
+                   note=f"all completed and served in {took:.1f} s"),
+            *(
+                figure(scenario, f"image_copies_instance_{name}", c, "copies",
+                       note="scenemint_image_copies_total of the instance")
+                for name, c in zip("ab", copies, strict=True)
+            ),
+        )  # fmt: skip
+
+    async def poll_and_download(
+        self, http: aiohttp.ClientSession, upstream: str, instances: list[Service]
+    ) -> tuple[tuple[list[str], int, int, float], int]:
+        """Make MULTI_TASKS tasks (half through each instance), then two pollers per task,
+        one on each instance, poll it until completed and download its image. ((ids, images
+        served, polls, seconds), the upstream's image downloads meanwhile)."""
+        before = await upstream_counts(http, upstream)
+        half = MULTI_TASKS // len(instances)
+        made = await asyncio.gather(
+            *(
+                make_tasks(
+                    http, s.base, half, "a harbour at night, benchmark", f"bench{self.token}-m{n}"
+                )
+                for n, s in enumerate(instances)
+            )
+        )
+        ids = [task_id for batch in made for task_id in batch]
+        served = polls = 0
+        digests: dict[str, set[str]] = {}
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=60)
+        started = time.monotonic()
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as pollers:
+
+            async def poller(n: int) -> None:
+                nonlocal served, polls
+                task_id = ids[n % len(ids)]
+                base = instances[(n // len(ids)) % len(instances)].base
+                while True:
+                    polls += 1
+                    state = await task_status(pollers, base, task_id)
+                    if state == "failed":
+                        raise RuntimeError(f"task {task_id} failed; see the logs")
+                    if state == "completed":
+                        break
+                    await asyncio.sleep(0.01)
+                url = f"{base}/api/images/tasks/{task_id}/image"
+                digests.setdefault(task_id, set()).add(await fetch_image(pollers, url))
+                served += 1
+
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(poller(n) for n in range(MULTI_POLLERS)))
+        took = time.monotonic() - started
+        if any(len(found) != 1 for found in digests.values()):
+            raise RuntimeError("two instances served different bytes for one task")
+        after = await upstream_counts(http, upstream)
+        downloads = after.get("image", 0) - before.get("image", 0)
+        return (ids, served, polls, took), downloads
 
     async def enhancement(self, http: aiohttp.ClientSession, svc: Service, upstream: str) -> None:
         plan = self.plan
@@ -1171,7 +1529,7 @@ def raise_open_files() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="SceneMint benchmark (see bench/run.py).")
-    parser.add_argument("--quick", action="store_true", help="~3 s per measurement, under a minute")
+    parser.add_argument("--quick", action="store_true", help="~3 s per measurement, about 70 s")
     parser.add_argument("--output", type=Path, default=BENCH / "results.json")
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")
     args = parser.parse_args()
@@ -1231,6 +1589,9 @@ def main() -> int:
             "pollers": POLLERS,
             "image_connections": IMAGE_CONNECTIONS,
             "image_bytes": IMAGE_BYTES,
+            "images": IMAGES,
+            "multi_tasks": MULTI_TASKS,
+            "multi_pollers": MULTI_POLLERS,
             "streams": STREAMS,
         },
         "figures": figures,
@@ -1247,11 +1608,14 @@ _FIRST = (
     "poll_running_rps_1w",
     "poll_added_latency_p50_ms",
     "upstream_calls_per_100_polls",
-    "image_proxy_ratio_vs_nginx",
-    "image_proxy_rss_growth_mib",
+    "image_store_ratio_vs_nginx",
+    "image_store_rss_growth_mib",
+    "image_s3_ratio_vs_nginx",
+    "image_downloads_per_task",
     "enhance_ttfb_overhead_ms",
     "enhance_buffered_chunks",
     "streams_1000_rss_mib",
+    "job_runner_utilisation",
 )
 
 

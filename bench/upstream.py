@@ -6,9 +6,14 @@ chat endpoint), with two bench aids in front of it:
 - every request is counted by kind; `GET /bench/stats` answers the counts (no key
   needed). `upstream_calls_per_100_polls` is read from here: the upstream's own count
   is the one figure the service under test cannot get wrong about itself;
-- `GET /images/{name}` answers a fixed blob of `--image-bytes` for every name. The demo
-  draws PNGs of a few hundred KiB; the image-proxy scenario needs 4 MiB images, and which
-  bytes they are does not matter to a proxy. Task states and image URLs stay the demo's.
+- `GET /images/{name}` answers a PNG of exactly `--image-bytes` bytes, different for every
+  name and the same every time for one name (random pixels seeded by the name, stored
+  uncompressed, padded to the size with a private ancillary chunk that decoders skip). The
+  demo draws PNGs of a few hundred KiB; the image scenarios need 4 MiB images, distinct
+  ones (the service stores an image under the SHA-256 of its bytes: identical images would
+  be one object) and real ones (the service decodes every image before it stores it). These
+  requests are counted as "image": `image_downloads_per_task` is read from that count.
+  Task states and image URLs stay the demo's.
 
 Usage: python bench/upstream.py --port P --api-key K --task-seconds T --word-delay D
        [--image-bytes N]
@@ -19,7 +24,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
+import hashlib
+import random
+import struct
+import zlib
 from collections import Counter
 
 from aiohttp import web
@@ -43,12 +51,40 @@ def kind_of(request: web.Request) -> str:
     return "other"
 
 
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bench_png(name: str, size: int, width: int = 1024) -> bytes:
+    """A valid RGB PNG of exactly `size` bytes (at least ~16 KiB), its pixels seeded by `name`."""
+    rng = random.Random(hashlib.sha256(name.encode()).digest())
+    row = 1 + 3 * width  # a filter-type byte, then the pixels of one scanline
+    framing = 8 + 25 + 3 * 12  # signature, IHDR, then the IDAT, padding and IEND chunk frames
+    # stored (level 0) deflate adds 5 bytes per 64 KiB block and 6 in all: stay below the size
+    height = max(1, (size - framing - 4096) // (row + 1))
+    raw = bytearray(rng.randbytes(row * height))
+    raw[::row] = bytes(height)  # filter type 0 (None) for every scanline
+    pixels = zlib.compress(bytes(raw), 0)
+    padding = size - framing - len(pixels)
+    if padding < 0:
+        raise ValueError(f"--image-bytes {size} is too small for a bench PNG")
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _chunk(b"IHDR", header),
+            _chunk(b"pdAd", bytes(padding)),  # ancillary, private: decoders skip it
+            _chunk(b"IDAT", pixels),
+            _chunk(b"IEND", b""),
+        )
+    )
+
+
 def build_app(
     *, api_key: str, task_seconds: float, word_delay: float, image_bytes: int
 ) -> web.Application:
     app = create_demo_app(api_key=api_key, task_seconds=task_seconds, word_delay=word_delay)
     counts: Counter[str] = Counter()
-    blob = os.urandom(image_bytes) if image_bytes > 0 else b""
 
     @web.middleware
     async def bench_aids(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -56,8 +92,10 @@ def build_app(
             return web.json_response(dict(counts))
         kind = kind_of(request)
         counts[kind] += 1
-        if kind == "image" and blob and request.method == "GET":
-            return web.Response(body=blob, content_type="image/png")
+        if kind == "image" and image_bytes > 0 and request.method == "GET":
+            name = request.path.rsplit("/", 1)[-1]
+            body = await asyncio.to_thread(bench_png, name, image_bytes)
+            return web.Response(body=body, content_type="image/png")
         return await handler(request)
 
     # outermost: counted before the demo's own key check
