@@ -47,7 +47,14 @@ from .errors import (
     StoreUnavailable,
     UpstreamError,
 )
-from .images import ImageStore, NotAnImage, key_for, open_image_store, verify_image
+from .images import (
+    ImageStore,
+    NotAnImage,
+    digest_of,
+    key_for,
+    open_image_store,
+    verify_image,
+)
 from .metrics import Metrics
 from .models import (
     Task,
@@ -127,7 +134,7 @@ class StoredImage:
 
     @property
     def etag(self) -> str:
-        return f'"{self.key.rpartition("/")[2]}"'  # strong: the SHA-256 of the bytes
+        return f'"{digest_of(self.key)}"'  # strong: the SHA-256 of the bytes
 
 
 class Delivery:
@@ -684,7 +691,7 @@ class ImageService:
             self.metrics.image_copy_failures.labels("not_image").inc()
             log.warning("the image of %s is not one we serve: %s", row.id, exc)
             return FetchFailed(f"not an image: {exc}")
-        key = key_for(data)
+        key = key_for(data, row.id)
         try:
             await self.images.put(key, data, content_type=info.content_type)
         except ImageStoreUnavailable as exc:
@@ -767,7 +774,7 @@ class ImageService:
         except NotAnImage as exc:
             log.warning("generation of %s answered no image we serve: %s", row.id, exc)
             return Refused(f"not an image: {exc}", code=ErrorCode.NO_IMAGE)
-        key = key_for(answer.data)
+        key = key_for(answer.data, row.id)
         loop = asyncio.get_running_loop()
         give_up = loop.time() + self.settings.image_fetch_deadline
         pause = 0.5

@@ -99,7 +99,7 @@ def test_images_are_stored_in_the_bucket_and_streamed_from_it(
     with running_service(settings) as running:
         task_id = completed(running, upstream, picture)
         digest = hashlib.sha256(picture).hexdigest()
-        assert objects(s3_server, bucket) == [f"generated/{digest[:2]}/{digest}"]
+        assert objects(s3_server, bucket) == [f"generated/{digest[:2]}/{digest}-{task_id}"]
         assert not (tmp_path / "data" / "images").exists()  # nothing on local disk
         answer = running.http.get(f"/api/images/tasks/{task_id}/image")
         assert answer.status_code == 200 and answer.content == picture

@@ -3,6 +3,7 @@ reported completed, and served from there (GET/HEAD, conditional requests, range
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 import tracemalloc
@@ -86,7 +87,7 @@ def test_a_completed_image_is_copied_then_served_from_the_store(service, upstrea
     assert task["status"] == "completed"
     digest = hashlib.sha256(picture).hexdigest()
     stored = row(service, task_id)
-    assert stored.image_key == f"{digest[:2]}/{digest}"
+    assert stored.image_key == f"{digest[:2]}/{digest}-{task_id}"
     assert (stored.image_type, stored.image_bytes) == ("image/png", len(picture))
     assert (stored.image_width, stored.image_height) == (7, 5)
     assert (service.settings.data_dir / "images" / stored.image_key).read_bytes() == picture
@@ -184,16 +185,19 @@ def test_an_image_without_a_known_length_is_copied_whole(service, upstream):
     assert service.http.get(image_url(task_id)).content == picture
 
 
-def test_two_tasks_with_the_same_bytes_share_one_object(service, upstream):
+def test_two_tasks_with_the_same_bytes_have_objects_of_their_own(service, upstream):
+    """So that the sweep of one can never delete the other's (see the race test below)."""
     check_in(service)
     first, second = generate(service), generate(service)
     upstream.complete_task(first)
     upstream.complete_task(second)
     assert wait_finished(service, first)["status"] == "completed"
     assert wait_finished(service, second)["status"] == "completed"
-    assert row(service, first).image_key == row(service, second).image_key
+    assert row(service, first).image_key != row(service, second).image_key
     objects = [p for p in (service.settings.data_dir / "images").rglob("*") if p.is_file()]
-    assert len(objects) == 1
+    assert len(objects) == 2
+    tags = {service.http.get(image_url(task)).headers["etag"] for task in (first, second)}
+    assert tags == {f'"{hashlib.sha256(TINY_PNG).hexdigest()}"'}  # the same bytes, one ETag
 
 
 # -- no image: the credit comes back ---------------------------------------------------------------
@@ -556,7 +560,25 @@ def test_expired_images_are_deleted_and_answer_410(tmp_path, upstream, logs):
         assert "scenemint_images_expired_total 1.0" in metrics
 
 
-def test_an_object_shared_with_a_live_task_outlives_the_expired_one(tmp_path, upstream, logs):
+def _age(service: RunningService, task_id: str, seconds: float = 172800) -> None:
+    """Make the task's image look stored `seconds` earlier (two days: past a 1-day rule)."""
+    store = service.service.store
+    service.run(
+        store._call(
+            store._write(
+                lambda tx: tx.run(
+                    "UPDATE tasks SET image_stored_at = image_stored_at - ? WHERE id = ?",
+                    seconds,
+                    task_id,
+                )
+            )
+        )
+    )
+
+
+def test_a_legacy_object_shared_with_a_live_task_outlives_the_expired_one(tmp_path, upstream, logs):
+    """The first image store named objects by their digest alone, shared by the tasks that
+    got the same bytes: such an object stays while one of its tasks is live."""
     settings = make_settings(tmp_path, upstream, image_retention_days=1.0)
     with running_service(settings) as service:
         check_in(service)
@@ -565,19 +587,64 @@ def test_an_object_shared_with_a_live_task_outlives_the_expired_one(tmp_path, up
         upstream.complete_task(young)  # the same bytes
         wait_finished(service, old)
         wait_finished(service, young)
+        digest = hashlib.sha256(TINY_PNG).hexdigest()
+        legacy = f"{digest[:2]}/{digest}"
+        images = service.settings.data_dir / "images"
+        for task in (old, young):
+            (images / row(service, task).image_key).unlink()
+        (images / legacy).write_bytes(TINY_PNG)
         store = service.service.store
         service.run(
             store._call(
                 store._write(
                     lambda tx: tx.run(
-                        "UPDATE tasks SET image_stored_at = image_stored_at - 172800 WHERE id = ?",
-                        old,
+                        "UPDATE tasks SET image_key = ? WHERE id IN (?, ?)", legacy, old, young
                     )
                 )
             )
         )
+        service.service._stored_images.clear()
+        _age(service, old)
         assert service.run(service.app.state.sweeper.run_once()) == 0
         assert service.http.get(image_url(young)).content == TINY_PNG
+        assert_envelope(service.http.get(image_url(old)), 410, "image_expired")
+        assert (images / legacy).exists()
+
+
+def test_a_sweep_racing_a_copy_of_the_same_bytes_never_deletes_the_live_image(
+    tmp_path, upstream, logs
+):
+    """Between the sweep's look at the ledger and its delete, another task stores the same
+    bytes: its image must survive (a shared object was deleted under it: charged, 503)."""
+    settings = make_settings(tmp_path, upstream, image_retention_days=1.0)
+    with running_service(settings) as service:
+        check_in(service)
+        old, young = generate(service), generate(service)
+        upstream.complete_task(old)
+        wait_finished(service, old)
+        _age(service, old)
+        images = service.service.images
+        real_delete = images.delete
+        deleted: list[str] = []
+
+        async def delete(key: str) -> None:
+            upstream.complete_task(young)  # the same bytes as the expired image
+            for _ in range(200):
+                if (await service.service.get_task(young)).status == "completed":
+                    break
+                await asyncio.sleep(0.05)
+            deleted.append(key)
+            await real_delete(key)
+
+        images.delete = delete  # type: ignore[method-assign]
+        try:
+            assert service.run(service.app.state.sweeper.run_once()) == 1
+        finally:
+            images.delete = real_delete  # type: ignore[method-assign]
+        assert deleted == [row(service, old).image_key]
+        assert wait_finished(service, young)["status"] == "completed"
+        answer = service.http.get(image_url(young))
+        assert answer.status_code == 200 and answer.content == TINY_PNG
         assert_envelope(service.http.get(image_url(old)), 410, "image_expired")
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import ImageStore, ObjectBody, ObjectInfo, is_key, key_for
+from .base import ImageStore, ObjectBody, ObjectInfo, digest_of, is_key, key_for
 from .files import FileImageStore
 from .verify import ImageInfo, NotAnImage, verify_image
 
@@ -21,6 +21,7 @@ __all__ = [
     "NotAnImage",
     "ObjectBody",
     "ObjectInfo",
+    "digest_of",
     "is_key",
     "key_for",
     "open_image_store",
