@@ -726,6 +726,13 @@ class ImageService:
         upstream = self.upstream
         if not isinstance(upstream, OpenAIImages):  # the upstream kind changed since:
             return None  # keep the lease (no claim loop); the age rule settles the job
+        try:
+            upstream.check_submit()
+        except UpstreamError as exc:  # our own breaker is open: nothing is sent, the job waits
+            log.info("job %s waits for the upstream: %s", row.id, exc.detail)
+            pause = max(1.0, self.settings.breaker_cooldown)
+            await self.store.renew(row, owner=self.owner, seconds=pause)  # queued, held by us
+            return None
         reference = await self._load_reference(row) if row.mode == "image" else None
         if row.mode == "image" and reference is None:
             return await self._observe(row, ReferenceGone())

@@ -211,6 +211,32 @@ def test_a_generation_without_an_answer_is_refunded_never_sent_again(service, op
     assert balance(service) == 10 and audit(service).ok
 
 
+def test_jobs_wait_while_our_breaker_is_open_instead_of_being_refunded(tmp_path, openai, logs):
+    """Four 500s open the breaker; the jobs queued behind them were never sent, so they are
+    not refused: they wait for the cool-down and then run."""
+    settings = openai_settings(
+        tmp_path,
+        openai,
+        job_concurrency=1,
+        breaker_min_calls=4,
+        breaker_failure_rate=0.5,
+        breaker_cooldown=1.0,
+    )
+    with running_service(settings) as running:
+        check_in(running)
+        openai.delay = 0.1
+        openai.fail_next(500, times=4)
+        # all queued at once, run one at a time: four fail (and open the breaker), three wait
+        ids = [generate(running, f"job {i}")["id"] for i in range(7)]
+        for task_id in ids[:4]:
+            assert wait_finished(running, task_id)["status"] == "failed"
+        for task_id in ids[4:]:
+            assert wait_finished(running, task_id, timeout=20)["status"] == "completed"
+        assert "waits for the upstream" in logs.text()
+        assert len(openai.generations) == 4 + 3  # each sent once
+        assert balance(running) == 10 - 3 and audit(running).ok
+
+
 def test_a_generation_over_its_time_is_refunded_never_sent_again(tmp_path, openai, logs):
     openai.delay = 3.0
     with running_service(openai_settings(tmp_path, openai, generation_timeout=0.5)) as running:
