@@ -70,6 +70,12 @@ class Settings(BaseSettings):
         validation_alias=_env("SCENEMINT_GENERATION_TIMEOUT"),
         description="the longest one synchronous generation may take (openai kind)",
     )
+    job_drain_timeout: float = Field(
+        60.0,
+        ge=0,
+        validation_alias=_env("SCENEMINT_JOB_DRAIN_TIMEOUT"),
+        description="on shutdown, how long generations already sent may still finish",
+    )
 
     # -- listening -------------------------------------------------------------
     host: str = Field("127.0.0.1", validation_alias=_env("HOST"))

@@ -56,6 +56,7 @@ class LeasedWorkers:
         wake: asyncio.Event,
         claim: Claim,
         work: Work,
+        drain: float = 0.0,
     ) -> None:
         self._service = service
         self._name = name
@@ -63,6 +64,7 @@ class LeasedWorkers:
         self._wake = wake
         self._claim = claim
         self._work = work
+        self._drain = drain
         self._running: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self.finished = 0  # rows this process's workers settled (tests, benchmarks)
@@ -76,11 +78,24 @@ class LeasedWorkers:
             self._loop_task = asyncio.create_task(self._loop(), name=self._name)
 
     async def stop(self) -> None:
-        tasks = [*self._running.values(), *([self._loop_task] if self._loop_task else [])]
-        for task in tasks:
+        """Claim nothing more; let the work started finish for up to `drain` seconds (our
+        leases stay renewed meanwhile), then cut what is left (its lease lapses)."""
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+            self._loop_task = None
+        running = list(self._running.values())
+        if running and self._drain > 0:
+            log.info(
+                "%s: letting %d running finish (at most %g s)",
+                self._name,
+                len(running),
+                self._drain,
+            )
+            await asyncio.wait(running, timeout=self._drain)
+        for task in running:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._loop_task = None
+        await asyncio.gather(*running, return_exceptions=True)
         self._running.clear()
 
     async def idle(self) -> None:
@@ -154,6 +169,8 @@ def runner(service: ImageService) -> LeasedWorkers:
         wake=service.needs_jobs,
         claim=service.store.claim_jobs,
         work=service.run_job,
+        # a generation already sent is made (and billed) upstream anyway: let it finish
+        drain=service.settings.job_drain_timeout,
     )
 
 
