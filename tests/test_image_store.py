@@ -11,7 +11,9 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from typer.testing import CliRunner, Result
 
+from scenemint.cli import app
 from tests.conftest import (
     FINGERPRINT,
     assert_envelope,
@@ -659,6 +661,32 @@ def test_only_one_instance_sweeps_at_a_time(tmp_path, upstream, logs):
         assert service.run(store.claim_named("sweep", owner="someone-else", seconds=60))
         assert service.run(service.app.state.sweeper.run_once()) == 0
         assert not service.run(store.claim_named("sweep", owner=owner, seconds=60))
+
+
+def test_the_images_audit_checks_every_file_and_its_size(tmp_path, upstream, logs):
+    with running_service(make_settings(tmp_path, upstream)) as service:
+        task_id = new_task(service)
+        upstream.complete_task(task_id, image=noisy_png(64, 64))
+        assert wait_finished(service, task_id)["status"] == "completed"
+        key = row(service, task_id).image_key
+    env = {"SCENEMINT_DATA_DIR": str(tmp_path / "data")}
+    runner = CliRunner()
+
+    def audit_images() -> Result:
+        return runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
+
+    result = audit_images()
+    assert result.exit_code == 0 and "1 live" in result.stdout, result.output
+    path = tmp_path / "data" / "images" / key
+    whole = path.read_bytes()
+    path.write_bytes(whole[:1000])  # cut short behind the service's back
+    result = audit_images()
+    assert result.exit_code == 1
+    assert f"image {key}: 1000 bytes stored, the ledger recorded {len(whole)}" in result.output
+    path.unlink()
+    result = audit_images()
+    assert result.exit_code == 1
+    assert f"image {key}: a completed task's image is missing" in result.output
 
 
 # -- metrics ---------------------------------------------------------------------------------------

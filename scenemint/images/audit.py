@@ -29,16 +29,20 @@ async def audit_images(store: Store, images: ImageStore) -> ImageAudit:
     stored = {key async for key in images.list_keys()}
     report.objects = len(stored)
     report.legacy = await store.images_pending_copy()
-    for key, status in sorted(known.items()):
+    for key, (status, size) in sorted(known.items()):
         if status == "live":
             report.live += 1
             info = await images.head(key)
             if info is None:
                 report.violations.append(f"image {key}: a completed task's image is missing")
+            elif info.size != size:
+                report.violations.append(
+                    f"image {key}: {info.size} bytes stored, the ledger recorded {size}"
+                )
         elif status == "expired":
             report.expired += 1
     for key in sorted(stored - set(known)):
         report.violations.append(f"object {key}: belongs to no task")
-    for key in sorted(key for key in stored if known.get(key) == "purged"):
+    for key in sorted(key for key in stored if known.get(key, ("",))[0] == "purged"):
         report.violations.append(f"object {key}: its tasks' images were purged, it was not")
     return report

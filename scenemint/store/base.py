@@ -217,8 +217,9 @@ class Store(QuotaStore, Protocol):
 
     async def image_purged(self, key: str) -> None: ...
 
-    async def image_keys(self) -> dict[str, str]:
-        """Every image key the ledger knows -> "live" or "expired" (for the audit)."""
+    async def image_keys(self) -> dict[str, tuple[str, int]]:
+        """Every image key the ledger knows -> ("live", "expired" or "purged", its recorded
+        size in bytes) (for the audit)."""
         ...
 
     async def images_pending_copy(self) -> int:

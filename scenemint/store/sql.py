@@ -822,18 +822,20 @@ class SQLStore:
             )
         )
 
-    async def image_keys(self) -> dict[str, str]:
+    async def image_keys(self) -> dict[str, tuple[str, int]]:
         rows = await self._call(
             self._read(
                 lambda tx: tx.all(
                     "SELECT image_key, MIN(CASE WHEN image_expired_at IS NULL THEN 0 ELSE 1 END),"
-                    " MIN(image_purged) FROM tasks WHERE image_key IS NOT NULL GROUP BY image_key"
+                    " MIN(image_purged), MAX(image_bytes) FROM tasks WHERE image_key IS NOT NULL"
+                    " GROUP BY image_key"
                 )
             )
         )
         found = {}
-        for key, expired, purged in rows:
-            found[str(key)] = "live" if not expired else ("purged" if purged else "expired")
+        for key, expired, purged, size in rows:
+            status = "live" if not expired else ("purged" if purged else "expired")
+            found[str(key)] = (status, int(size or 0))
         return found
 
     async def images_pending_copy(self) -> int:
