@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner, Result
 
 from scenemint.cli import app
+from scenemint.web.server import GuardedH11Protocol
 from tests.conftest import (
     FINGERPRINT,
     assert_envelope,
@@ -353,18 +354,29 @@ def test_head_of_an_unfinished_task_is_404(service, upstream):
     assert answer.headers["content-type"] == "application/json"
 
 
-def test_an_image_lost_from_the_store_is_a_clean_503(stored):
-    """Deleted behind the service's back after it was served (its description is reused):
-    the envelope says so before any byte of a body, and the client may try again."""
-    service, task_id, picture = stored
-    assert service.http.get(image_url(task_id)).content == picture
-    for path in (service.settings.data_dir / "images").rglob("*"):
-        if path.is_file():
+@pytest.mark.parametrize("protocol", ["httptools", "h11"])
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_an_image_lost_from_the_store_is_a_clean_503(tmp_path, upstream, logs, protocol, damage):
+    """Deleted or cut short behind the service's back after it was served (its description
+    is reused): the envelope says so before any byte of a body, and the client may try
+    again — with our zero-copy sender (httptools) and with the plain one (h11)."""
+    options = {"http": GuardedH11Protocol} if protocol == "h11" else {}
+    with running_service(make_settings(tmp_path, upstream), **options) as service:
+        task_id = new_task(service)
+        upstream.complete_task(task_id, image=noisy_png(64, 64))
+        assert wait_finished(service, task_id)["status"] == "completed"
+        picture = service.http.get(image_url(task_id)).content
+        path = service.settings.data_dir / "images" / row(service, task_id).image_key
+        if damage == "deleted":
             path.unlink()
-    for _ in range(2):
-        answer = service.http.get(image_url(task_id), headers={"Accept-Language": "zh-CN"})
-        body = assert_envelope(answer, 503, "image_store_unavailable")
-        assert answer.headers["retry-after"] == "2" and body["message"]
+        else:
+            path.write_bytes(picture[:1000])
+        for _ in range(2):
+            answer = service.http.get(image_url(task_id), headers={"Accept-Language": "zh-CN"})
+            body = assert_envelope(answer, 503, "image_store_unavailable")
+            assert answer.headers["retry-after"] == "2" and body["message"]
+        tail = service.http.get(image_url(task_id), headers={"Range": "bytes=2000-"})
+        assert_envelope(tail, 503, "image_store_unavailable")
 
 
 def test_if_none_match_with_the_etag_answers_304(stored):
@@ -394,6 +406,35 @@ def test_if_modified_since_answers_304(stored):
     assert older.status_code == 200 and older.content == picture
 
 
+@pytest.mark.parametrize(
+    "value",
+    [
+        "Fri, 01 Jan 99999999999999999999 00:00:00 GMT",  # overflows a datetime
+        "yesterday",
+        "Mon, 32 Foo 2001 99:99:99 GMT",
+    ],
+)
+def test_an_unreadable_if_modified_since_gets_the_image(stored, value):
+    service, task_id, picture = stored
+    answer = service.http.get(image_url(task_id), headers={"If-Modified-Since": value})
+    assert answer.status_code == 200 and answer.content == picture
+
+
+def test_if_modified_since_without_a_zone_is_gmt(stored, monkeypatch):
+    """Read in the server's local zone, a date an hour after the image's was 200 east of GMT."""
+    service, task_id, _ = stored
+    stored_at = row(service, task_id).image_stored_at
+    later = time.strftime("%a, %d %b %Y %H:%M:%S -0000", time.gmtime(stored_at + 3600))
+    monkeypatch.setenv("TZ", "Asia/Shanghai")  # the server eight hours east of GMT
+    time.tzset()
+    try:
+        answer = service.http.get(image_url(task_id), headers={"If-Modified-Since": later})
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert answer.status_code == 304
+
+
 def test_if_none_match_for_an_unfinished_task_is_not_304(service, upstream):
     answer = service.http.get(image_url(new_task(service)), headers={"If-None-Match": "*"})
     assert answer.status_code == 404
@@ -421,9 +462,24 @@ def test_a_range_past_the_end_is_416(stored):
     answer = service.http.get(image_url(task_id), headers={"Range": f"bytes={len(picture)}-"})
     assert answer.status_code == 416
     assert answer.headers["content-range"] == f"bytes */{len(picture)}"
+    assert answer.headers["cache-control"] == "no-store"  # about the request, not the image
 
 
-@pytest.mark.parametrize("header", ["bytes=0-1,5-9", "items=0-9", "bytes=abc", "bytes=9-2"])
+@pytest.mark.parametrize(
+    "header",
+    [
+        "bytes=0-1,5-9",
+        "items=0-9",
+        "bytes=abc",
+        "bytes=9-2",
+        "bytes=--5",
+        "bytes=1_0-2_0",
+        "bytes=+1-+3",
+        "bytes=-",
+        "bytes=١-٣".encode(),  # Arabic-Indic digits (UTF-8 on the wire)
+        "bytes=0-" + "9" * 5000,
+    ],
+)
 def test_several_or_odd_ranges_get_the_whole_image(stored, header):
     service, task_id, picture = stored
     answer = service.http.get(image_url(task_id), headers={"Range": header})

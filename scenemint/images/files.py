@@ -59,11 +59,13 @@ class FileImageStore:
         self, key: str, *, start: int = 0, end: int | None = None, size: int | None = None
     ) -> ObjectBody | None:
         path = self._path(key)
+        info = await self.head(key)  # before any byte is promised: a lost file is a clean error
+        if info is None:
+            return None
         if size is None:
-            info = await self.head(key)
-            if info is None:
-                return None
             size = info.size
+        elif info.size != size:
+            raise ImageStoreUnavailable(detail=f"image {key} has {info.size} bytes, not {size}")
         stop = size if end is None else min(end, size)
         # the file is opened when the body is first read: a body never read holds nothing
         return ObjectBody(size=size, start=start, end=stop, chunks=_chunks(path, start, stop))

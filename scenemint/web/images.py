@@ -8,6 +8,7 @@ outside the image. Bodies are streamed from the store, never read whole into mem
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import os
 from collections.abc import Mapping
@@ -46,10 +47,15 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
             )
     head_only = request.method == "HEAD"
     wanted = _range(request.headers, image)
-    if isinstance(wanted, str):
+    if isinstance(wanted, str):  # about this request, not the image: not cacheable for ever
         return Response(
             status_code=416,
-            headers={**headers, "Content-Range": f"bytes */{image.size}"},
+            headers={
+                "Content-Range": f"bytes */{image.size}",
+                "Accept-Ranges": "bytes",
+                "Cache-Control": "no-store",
+                "X-Content-Type-Options": "nosniff",
+            },
         )
     start, end = wanted if wanted is not None else (0, image.size)
     if head_only:
@@ -99,9 +105,13 @@ class FileRangeResponse(Response):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             fd = os.open(self._path, os.O_RDONLY)
-        except FileNotFoundError as exc:  # swept meanwhile, or lost: nothing was sent yet
-            raise ImageStoreUnavailable(detail=f"image file {self._path.name} is missing") from exc
+        except OSError as exc:  # lost, or unreadable: nothing was sent yet
+            raise ImageStoreUnavailable(
+                detail=f"image file {self._path.name}: {exc.strerror or exc}"
+            ) from exc
         try:
+            if os.fstat(fd).st_size < self._end:  # cut short behind our back: say so first
+                raise ImageStoreUnavailable(detail=f"image file {self._path.name} is too short")
             await send(
                 {
                     "type": "http.response.start",
@@ -131,9 +141,11 @@ def _not_modified(headers: Mapping[str, str], image: StoredImage) -> bool:
     if since:
         try:
             moment = email.utils.parsedate_to_datetime(since)
-        except (TypeError, ValueError, IndexError):
-            return False
-        return moment is not None and int(image.stored_at) <= moment.timestamp()
+            if moment.tzinfo is None:  # HTTP dates are GMT, whatever the server's zone
+                moment = moment.replace(tzinfo=datetime.UTC)
+            return int(image.stored_at) <= moment.timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return False  # not a date we can read: the whole image is a correct answer
     return False
 
 
@@ -153,20 +165,24 @@ def _range(headers: Mapping[str, str], image: StoredImage) -> tuple[int, int] | 
     if not dash:
         return None
     size = image.size
-    try:
-        if not first:  # the last N bytes
-            suffix = int(last)
-            if suffix <= 0:
-                return "unsatisfiable"
-            return max(0, size - suffix), size
-        start = int(first)
-        end = int(last) + 1 if last else size
-    except ValueError:
-        return None
-    if start < 0:
-        return None
+    first, last = first.strip(), last.strip()
+    if (first and not _digits(first)) or (last and not _digits(last)) or not (first or last):
+        return None  # nonsense (signs, underscores, odd digits): ignored, as RFC 9110 allows
+    if not first:  # the last N bytes
+        suffix = int(last)
+        if suffix <= 0:
+            return "unsatisfiable"
+        return max(0, size - suffix), size
+    start = int(first)
+    end = int(last) + 1 if last else size
     if start >= size:
         return "unsatisfiable"
     if end <= start:
         return None
     return start, min(end, size)
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits, at most 18 (`int` also takes signs, underscores and other scripts'
+    digits, and refuses thousands of digits with an error)."""
+    return len(text) <= 18 and text.isascii() and text.isdigit()
