@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
+import struct
 import time
 import tracemalloc
 import uuid
@@ -537,6 +539,29 @@ def test_a_64_mib_image_is_served_with_bounded_memory(tmp_path, upstream):
         assert received == len(picture)
         assert digest.digest() == hashlib.sha256(picture).digest()
         assert peak - baseline < 16 * MiB, f"peak memory grew by {(peak - baseline) / MiB:.1f} MiB"
+
+
+def test_a_client_leaving_mid_image_is_no_server_error(tmp_path, upstream, logs):
+    """A download cut by its client (a reset mid-body) is the client's business: nothing
+    is logged as an error of ours, and the next request is served."""
+    picture = big_png(2048)  # about 16 MiB: far more than the socket buffers hold
+    settings = make_settings(tmp_path, upstream, max_image_bytes=100 * MiB, image_deadline=60)
+    with running_service(settings) as service:
+        task_id = new_task(service)
+        upstream.complete_task(task_id, image=picture)
+        assert wait_finished(service, task_id, timeout=60)["status"] == "completed"
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", service.port)) as sock:
+                sock.sendall(f"GET {image_url(task_id)} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+                # close with a reset while the server is still sending
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        time.sleep(0.5)
+        assert (
+            service.http.get(image_url(task_id), headers={"Range": "bytes=0-9"}).status_code == 206
+        )
+    errors = [line for line in logs.lines if line.startswith(("ERROR", "CRITICAL"))]
+    assert errors == []
 
 
 # -- tasks completed before the image store existed ----------------------------------------------

@@ -566,7 +566,8 @@ async def _send_file(protocol: Any, cycle: Any, send: Any, message: dict[str, An
                     break
                 transport.write(chunk)
                 sent = len(chunk)
-            except OSError:  # the client went away (reset, broken pipe)
+            except OSError:  # the client went away (reset, broken pipe): nothing to report
+                cycle.disconnected = True
                 transport.close()
                 return
             if sent == 0:
