@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -268,6 +269,7 @@ class _Deadlines:
     __slots__ = (
         "_body_deadline",
         "_body_timer",
+        "_body_waited",
         "_grace",
         "_header_timeout",
         "_header_timer",
@@ -295,6 +297,7 @@ class _Deadlines:
     _header_timer: asyncio.TimerHandle | None
     _body_timer: asyncio.TimerHandle | None
     _body_deadline: float
+    _body_waited: bool  # the last look found us the slow ones
 
     def _init_deadlines(self, config: uvicorn.Config) -> None:
         limits = limits_of(config)
@@ -307,6 +310,7 @@ class _Deadlines:
         self._header_timer = None
         self._body_timer = None
         self._body_deadline = 0.0
+        self._body_waited = False
 
     # -- the cap ---------------------------------------------------------------------
 
@@ -422,6 +426,12 @@ class _Deadlines:
             # we are the slow ones (the app has not taken the body, or not asked for it):
             # the client gets a fresh grace once we read again
             self._body_deadline = max(self._body_deadline, now + self._grace)
+            self._body_waited = True
+        elif self._body_waited:
+            # we read again since the last look (a `100 Continue` may have just left): the
+            # client's fresh grace counts from now, not from when we began to wait
+            self._body_waited = False
+            self._body_deadline = max(self._body_deadline, now + self._grace)
         elif now < self._body_deadline:
             pass  # the client earned more time since the timer was armed
         else:
@@ -502,6 +512,7 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._phase = _BODY
         self._body_deadline = 0.0
+        self._body_waited = False
         if self._header_timer is not None:
             self._cancel_header_timer()
         HttpToolsProtocol.on_headers_complete(self)
@@ -528,6 +539,7 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
 #: the ASGI extension (https://asgi.readthedocs.io/en/latest/extensions.html#zero-copy-send)
 ZEROCOPY = "http.response.zerocopysend"
 _FALLBACK_CHUNK = 256 * 1024
+_CLIENT_GONE = {errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN}
 
 
 async def _send(protocol: Any, cycle: Any, send: Any, message: dict[str, Any]) -> None:
@@ -559,15 +571,18 @@ async def _send_file(protocol: Any, cycle: Any, send: Any, message: dict[str, An
                 await protocol.flow.drain()
                 continue
             try:
-                sent = os.sendfile(sock_fd, fd, offset, end - offset)
-            except BlockingIOError:
-                chunk = os.pread(fd, min(_FALLBACK_CHUNK, end - offset), offset)
-                if not chunk:
-                    break
-                transport.write(chunk)
-                sent = len(chunk)
-            except OSError:  # the client went away (reset, broken pipe): nothing to report
-                cycle.disconnected = True
+                try:
+                    sent = os.sendfile(sock_fd, fd, offset, end - offset)
+                except BlockingIOError:
+                    chunk = os.pread(fd, min(_FALLBACK_CHUNK, end - offset), offset)
+                    if not chunk:
+                        break
+                    transport.write(chunk)
+                    sent = len(chunk)
+            except OSError as exc:
+                if exc.errno not in _CLIENT_GONE:  # the file's side: a disk error
+                    log.warning("sending a file failed after %d bytes: %s", offset, exc)
+                cycle.disconnected = True  # the body is cut: the connection ends here
                 transport.close()
                 return
             if sent == 0:
@@ -578,7 +593,10 @@ async def _send_file(protocol: Any, cycle: Any, send: Any, message: dict[str, An
         if not transport.is_closing():
             transport.set_write_buffer_limits()  # uvicorn's defaults again
     if offset < end:
-        transport.close()  # a body shorter than its Content-Length: the client must see that
+        if not (cycle.disconnected or transport.is_closing()):  # not the client's doing
+            log.warning("a file ended %d bytes short of its length", end - offset)
+        cycle.disconnected = True  # the body is cut: the client must see the connection end
+        transport.close()
         return
     if not message.get("more_body", False):
         await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -624,6 +642,7 @@ class GuardedH11Protocol(_Deadlines, H11Protocol):
             if self._phase != _BODY:
                 self._phase = _BODY
                 self._body_deadline = 0.0
+                self._body_waited = False
                 self._cancel_header_timer()
             self._credit_body(len(data))
             if self._body_timer is None:
