@@ -28,6 +28,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .service import ImageService
 from .store import LedgerTask
@@ -57,6 +58,8 @@ class LeasedWorkers:
         claim: Claim,
         work: Work,
         drain: float = 0.0,
+        until: asyncio.Event | None = None,
+        force: asyncio.Event | None = None,
     ) -> None:
         self._service = service
         self._name = name
@@ -64,7 +67,9 @@ class LeasedWorkers:
         self._wake = wake
         self._claim = claim
         self._work = work
-        self._drain = drain
+        self._drain = drain  # seconds the work started may finish in, on stop
+        self._until = until  # once set, nothing more is claimed
+        self._force = force  # once set, a drain ends at once
         self._running: dict[str, asyncio.Task[None]] = {}
         self._loop_task: asyncio.Task[None] | None = None
         self.finished = 0  # rows this process's workers settled (tests, benchmarks)
@@ -87,16 +92,28 @@ class LeasedWorkers:
         running = list(self._running.values())
         if running and self._drain > 0:
             log.info(
-                "%s: letting %d running finish (at most %g s)",
+                "%s: letting %d running finish (at most %g s; a second stop signal cuts them)",
                 self._name,
                 len(running),
                 self._drain,
             )
-            await asyncio.wait(running, timeout=self._drain)
+            await self._wait_or_force(running)
         for task in running:
             task.cancel()
         await asyncio.gather(*running, return_exceptions=True)
         self._running.clear()
+
+    async def _wait_or_force(self, running: list[asyncio.Task[None]]) -> None:
+        drained = asyncio.ensure_future(asyncio.wait(running))
+        waits: set[asyncio.Future[Any]] = {drained}
+        if self._force is not None:
+            waits.add(asyncio.ensure_future(self._force.wait()))
+        try:
+            await asyncio.wait(waits, timeout=self._drain, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
 
     async def idle(self) -> None:
         """Wait until the work started so far is done (tests)."""
@@ -121,7 +138,7 @@ class LeasedWorkers:
     async def run_once(self) -> int:
         """Claim as many rows as there are free slots and start their work."""
         free = self._slots - len(self._running)
-        if free <= 0:
+        if free <= 0 or (self._until is not None and self._until.is_set()):
             return 0
         service = self._service
         rows = await self._claim(
@@ -167,10 +184,12 @@ def runner(service: ImageService) -> LeasedWorkers:
         name="job-runner",
         slots=service.settings.job_concurrency,
         wake=service.needs_jobs,
-        claim=service.store.claim_jobs,
+        claim=service.claim_jobs,
         work=service.run_job,
         # a generation already sent is made (and billed) upstream anyway: let it finish
         drain=service.settings.job_drain_timeout,
+        until=service.shutting_down,
+        force=service.force_stop,
     )
 
 

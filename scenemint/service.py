@@ -195,6 +195,8 @@ class ImageService:
         # set when the server begins a graceful shutdown: open streams end with a last
         # frame, generate requests in flight answer with their task at once
         self.shutting_down = asyncio.Event()
+        # set on a second stop signal: work still finishing is cut at once
+        self.force_stop = asyncio.Event()
         # set when a row needs the reconciler now (a submission's outcome became unknown)
         self.needs_reconcile = asyncio.Event()
         # set when a task's image is waiting to be copied (the upstream finished it)
@@ -726,16 +728,15 @@ class ImageService:
         upstream = self.upstream
         if not isinstance(upstream, OpenAIImages):  # the upstream kind changed since:
             return None  # keep the lease (no claim loop); the age rule settles the job
-        try:
-            upstream.check_submit()
-        except UpstreamError as exc:  # our own breaker is open: nothing is sent, the job waits
-            log.info("job %s waits for the upstream: %s", row.id, exc.detail)
-            pause = max(1.0, self.settings.breaker_cooldown)
-            await self.store.renew(row, owner=self.owner, seconds=pause)  # queued, held by us
-            return None
         reference = await self._load_reference(row) if row.mode == "image" else None
         if row.mode == "image" and reference is None:
             return await self._observe(row, ReferenceGone())
+        held = "the server is stopping" if self.shutting_down.is_set() else _held_back_now(upstream)
+        if held is not None:
+            # not sent: the job stays queued, free at once for the next runner or instance
+            log.info("job %s not sent: %s", row.id, held)
+            await self.store.renew(row, owner=self.owner, seconds=0)
+            return None
         sending = await self._observe(row, Sending())
         if sending is None or sending.state != State.RUNNING:
             return sending
@@ -770,6 +771,17 @@ class ImageService:
                     log.warning("generation of %s ended without an answer: %s", row.id, exc.detail)
                     observation = Unknown(exc.detail)
         return await self._observe(row, observation)
+
+    async def claim_jobs(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
+        """Queued jobs for this process's runners: none while the server shuts down or our
+        breaker for generations is open (they stay free for another instance, and the
+        reconciler's age rule still reaches them)."""
+        upstream = self.upstream
+        if self.shutting_down.is_set() or not isinstance(upstream, OpenAIImages):
+            return []
+        if _held_back_now(upstream) is not None:
+            return []
+        return await self.store.claim_jobs(owner=owner, seconds=seconds, limit=limit)
 
     async def _generated(self, row: LedgerTask, answer: GeneratedImage) -> Observation:
         """What a generation's answer means: its image stored, a URL to copy, or nothing."""
@@ -1020,6 +1032,15 @@ _PUBLIC_STATUS = {
     State.COMPLETED: State.COMPLETED,
     State.FAILED: State.FAILED,
 }
+
+
+def _held_back_now(upstream: OpenAIImages) -> str | None:
+    """Why our own breaker holds generations back now (nothing is refused), or None."""
+    try:
+        upstream.check_submit()
+    except UpstreamError as exc:
+        return exc.detail
+    return None
 
 
 def _held_back(error: UpstreamError) -> bool:

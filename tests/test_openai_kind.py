@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -220,7 +221,7 @@ def test_jobs_wait_while_our_breaker_is_open_instead_of_being_refunded(tmp_path,
         job_concurrency=1,
         breaker_min_calls=4,
         breaker_failure_rate=0.5,
-        breaker_cooldown=1.0,
+        breaker_cooldown=2.0,
     )
     with running_service(settings) as running:
         check_in(running)
@@ -230,9 +231,15 @@ def test_jobs_wait_while_our_breaker_is_open_instead_of_being_refunded(tmp_path,
         ids = [generate(running, f"job {i}")["id"] for i in range(7)]
         for task_id in ids[:4]:
             assert wait_finished(running, task_id)["status"] == "failed"
+        assert running.service.upstream.http.breakers["submit"].is_open
+        waiting = running.http.get(f"/api/images/tasks/{ids[4]}").json()["data"]
+        assert waiting["status"] == "queued" and waiting["queuePosition"] == 1
+        assert (
+            row(running, ids[4]).lease_owner is None
+            or row(running, ids[4]).lease_until < time.time()
+        )
         for task_id in ids[4:]:
             assert wait_finished(running, task_id, timeout=20)["status"] == "completed"
-        assert "waits for the upstream" in logs.text()
         assert len(openai.generations) == 4 + 3  # each sent once
         assert balance(running) == 10 - 3 and audit(running).ok
 
@@ -359,6 +366,52 @@ def test_a_sigterm_lets_a_generation_already_sent_finish(tmp_path, openai):
         conn.close()
     assert (state, refunded) == ("completed", 0)
     assert len(openai.generations) == 1
+
+
+def test_a_job_claimed_as_the_server_stops_is_not_sent_but_left_queued(service, openai):
+    """Claimed but not yet sent when the shutdown began: sending it now could only have it
+    cut (and billed upstream); it stays queued, free for the next runner."""
+    svc = service.service
+    svc.shutting_down.set()  # what the first stop signal does: the runners claim no more
+    task = generate(service)
+    assert service.run(svc.claim_jobs(owner=svc.owner, seconds=30, limit=5)) == []
+    (claimed,) = service.run(svc.store.claim_jobs(owner=svc.owner, seconds=30, limit=5))
+    assert service.run(svc.run_job(claimed)) is None
+    after = row(service, task["id"])
+    assert after.state == "queued" and after.lease_until <= time.time()
+    assert openai.generations == [] and balance(service) == 9
+
+
+def test_a_second_stop_signal_cuts_the_drain(tmp_path, openai):
+    openai.delay = 30.0
+    env = {
+        "SCENEMINT_UPSTREAM_KIND": "openai",
+        "CHATGPT2API_BASE_URL": openai.base_url,
+        "CHATGPT2API_API_KEY": openai.api_key,
+        "SCENEMINT_DATA_DIR": str(tmp_path / "data"),
+        "SCENEMINT_LEASE_SECONDS": "2",
+    }
+    process = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
+    try:
+        httpx.post(process.url + "/api/quota/check-in", json={"fingerprint": FINGERPRINT})
+        httpx.post(
+            process.url + "/api/images/generate",
+            json={"prompt": "a fox", "fingerprint": FINGERPRINT},
+        )
+        deadline = time.monotonic() + 10
+        while not openai.generations:
+            assert time.monotonic() < deadline, "the job was never sent"
+            time.sleep(0.05)
+        process.process.terminate()
+        deadline = time.monotonic() + 10
+        while "letting 1 running finish" not in process.log():
+            assert time.monotonic() < deadline, process.log()
+            time.sleep(0.05)
+        assert process.process.poll() is None  # draining
+        process.process.send_signal(signal.SIGINT)
+        process.process.wait(5)  # not the 30 s of the generation
+    finally:
+        process.stop()
 
 
 # -- several instances share the work ------------------------------------------------------------

@@ -10,6 +10,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 from types import FrameType
+from typing import Any
 
 from fastapi import FastAPI
 from pydantic import SecretStr
@@ -77,7 +78,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
             service = ImageService(
                 settings=settings, store=store, upstream=upstream, metrics=metrics, images=images
             )
-            stack.enter_context(_end_streams_on_sigterm(service))
+            stack.enter_context(_stop_signals(service))
             reconciler = Reconciler(service)
             copies = copier(service)
             # jobs run only where an OpenAI Images upstream can send them; jobs left queued by
@@ -88,6 +89,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
                 if job is not None:
                     job.start()
                     stack.push_async_callback(job.stop)
+            # the first thing the shutdown does (also without a signal: tests, embedders)
+            stack.callback(service.shutting_down.set)
             app.state.service = service
             app.state.reconciler = reconciler
             app.state.copier = copies
@@ -127,29 +130,40 @@ async def _start_demo(stack: AsyncExitStack, settings: Settings) -> Settings:
 
 
 @contextmanager
-def _end_streams_on_sigterm(service: ImageService) -> Iterator[None]:
-    """On SIGTERM, tell open streams to finish with a last frame, then let uvicorn go on.
+def _stop_signals(service: ImageService) -> Iterator[None]:
+    """SIGTERM or SIGINT: the first tells open streams to finish with a last frame and the
+    job runners to claim nothing more (`service.shutting_down`), then lets uvicorn go on;
+    a second one cuts what is still finishing (`service.force_stop`).
 
     uvicorn stops accepting and waits for in-flight requests (bounded by its graceful
     timeout) before the lifespan ends: without this, an open enhancement stream would be
-    cut without a word after that timeout. The handler chains to uvicorn's own.
+    cut without a word after that timeout. The handlers chain to uvicorn's own.
     """
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers live in the main thread only (tests run servers in threads)
         return
     loop = asyncio.get_running_loop()
-    previous = signal.getsignal(signal.SIGTERM)
+    previous: dict[int, Any] = {
+        signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    received = 0
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
-        loop.call_soon_threadsafe(service.shutting_down.set)
-        if callable(previous):
-            previous(signum, frame)
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal received
+        received += 1
+        event = service.shutting_down if received == 1 else service.force_stop
+        loop.call_soon_threadsafe(event.set)
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    for signum in previous:
+        signal.signal(signum, on_signal)
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def create_app_from_env() -> ServiceApp:

@@ -74,7 +74,8 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
         return FileRangeResponse(
             path, start, end, status_code=status, headers=headers, media_type=image.content_type
         )
-    # the ledger knows the size: the store reads without asking for it again
+    # the ledger knows the size: S3 reads with one GET; the file store checks the size
+    # against the file before any byte is promised
     body = await image.store.read(image.key, start=start, end=end, size=image.size)
     if body is None:  # gone from the store although the ledger has it: the audit says why
         raise ImageStoreUnavailable(detail=f"image {image.key} of {image.task_id} is missing")
