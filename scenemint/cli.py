@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from types import FrameType
 from typing import Annotated
 
@@ -131,10 +132,20 @@ def credits_audit() -> None:
 
 
 images_app = typer.Typer(help="The image store: check it against the ledger.")
+_ORPHAN_AGE = 86400.0  # seconds: far beyond any copy's lease
 
 
 @images_app.command("audit")
-def images_audit() -> None:
+def images_audit(
+    delete_orphans: Annotated[
+        bool,
+        typer.Option(
+            "--delete-orphans",
+            help="Delete the objects of no task that are over a day old (what a copy left"
+            " when its ledger write failed) instead of reporting them.",
+        ),
+    ] = False,
+) -> None:
     """Every completed, unexpired task has its image in the store, and every stored image
     belongs to a task; exit 1 otherwise."""
     from .images import open_image_store
@@ -147,13 +158,15 @@ def images_audit() -> None:
             settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
         )
         try:
-            report = await audit_images(store, images)
+            cutoff = time.time() - _ORPHAN_AGE if delete_orphans else None
+            report = await audit_images(store, images, delete_orphans_before=cutoff)
         finally:
             await images.close()
             await store.close()
         typer.echo(
             f"tasks with an image {report.live} live, {report.expired} expired;"
             f" objects {report.objects}; legacy tasks not copied yet {report.legacy}"
+            + (f"; objects of no task deleted {report.deleted}" if delete_orphans else "")
         )
         for violation in report.violations:
             typer.echo(f"VIOLATION: {violation}", err=True)

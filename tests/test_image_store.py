@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import socket
 import struct
 import time
@@ -768,6 +769,38 @@ def test_the_images_audit_checks_every_file_and_its_size(tmp_path, upstream, log
     result = audit_images()
     assert result.exit_code == 1
     assert f"image {key}: a completed task's image is missing" in result.output
+
+
+def test_the_images_audit_deletes_old_objects_of_no_task_when_asked(tmp_path, upstream, logs):
+    """What a copy left when its ledger write failed; a fresh one may be a copy in flight."""
+    with running_service(make_settings(tmp_path, upstream)) as service:
+        task_id = new_task(service)
+        upstream.complete_task(task_id)
+        assert wait_finished(service, task_id)["status"] == "completed"
+    images = tmp_path / "data" / "images"
+    digest = hashlib.sha256(b"left behind").hexdigest()
+    old = images / digest[:2] / f"{digest}-{uuid.uuid4()}"
+    fresh = images / digest[:2] / f"{digest}-{uuid.uuid4()}"
+    old.parent.mkdir(parents=True, exist_ok=True)
+    old.write_bytes(b"left behind")
+    fresh.write_bytes(b"left behind")
+    two_days_ago = time.time() - 2 * 86400
+    os.utime(old, (two_days_ago, two_days_ago))
+    env = {"SCENEMINT_DATA_DIR": str(tmp_path / "data")}
+    runner = CliRunner()
+    result = runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
+    assert result.exit_code == 1 and old.exists()  # reported, not touched
+    result = runner.invoke(
+        app, ["images", "audit", "--delete-orphans"], env=env, catch_exceptions=False
+    )
+    assert "objects of no task deleted 1" in result.stdout, result.output
+    assert not old.exists() and fresh.exists()
+    assert result.exit_code == 1  # the fresh one is still reported
+    fresh.unlink()
+    result = runner.invoke(
+        app, ["images", "audit", "--delete-orphans"], env=env, catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
 
 
 # -- metrics ---------------------------------------------------------------------------------------

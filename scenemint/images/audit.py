@@ -14,6 +14,7 @@ class ImageAudit:
     expired: int = 0  # expired, not yet removed by the sweep
     objects: int = 0  # objects in the store
     legacy: int = 0  # completed before the image store: copied on their first request
+    deleted: int = 0  # objects of no task deleted (`delete_orphans_before`)
     violations: list[str] = field(default_factory=list)
 
     @property
@@ -21,9 +22,17 @@ class ImageAudit:
         return not self.violations
 
 
-async def audit_images(store: Store, images: ImageStore) -> ImageAudit:
+async def audit_images(
+    store: Store, images: ImageStore, *, delete_orphans_before: float | None = None
+) -> ImageAudit:
     """Every live image of the ledger has its object (of the recorded size), and every
-    object belongs to a task of the ledger (live, or expired and waiting for the sweep)."""
+    object belongs to a task of the ledger (live, or expired and waiting for the sweep).
+
+    With `delete_orphans_before` (seconds since the epoch), objects of no task (or of
+    purged images) last written before then are deleted instead of reported: what a copy
+    stored just before its ledger write failed. A copy in flight writes its ledger row
+    within its lease, and a copy made again rewrites the object: a cut-off a day back
+    never touches one."""
     report = ImageAudit()
     known = await store.image_keys()
     stored = {key async for key in images.list_keys()}
@@ -41,8 +50,18 @@ async def audit_images(store: Store, images: ImageStore) -> ImageAudit:
                 )
         elif status == "expired":
             report.expired += 1
-    for key in sorted(stored - set(known)):
-        report.violations.append(f"object {key}: belongs to no task")
-    for key in sorted(key for key in stored if known.get(key, ("",))[0] == "purged"):
-        report.violations.append(f"object {key}: its tasks' images were purged, it was not")
+    leftovers = {key: "belongs to no task" for key in stored - set(known)}
+    for key in stored:
+        if known.get(key, ("",))[0] == "purged":
+            leftovers[key] = "its tasks' images were purged, it was not"
+    for key, why in sorted(leftovers.items()):
+        if delete_orphans_before is not None:
+            info = await images.head(key)
+            if info is None:
+                continue  # gone meanwhile
+            if info.modified < delete_orphans_before:
+                await images.delete(key)
+                report.deleted += 1
+                continue
+        report.violations.append(f"object {key}: {why}")
     return report
