@@ -17,6 +17,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -153,18 +154,28 @@ def padded_status_body(size: int) -> bytes:
     return body[:-1] + b" " * (size - len(body)) + b"}"
 
 
+# bytes read past the end of a response (pipelined answers can share one read)
+_LEFTOVER: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
 def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """One response with a Content-Length, leaving the connection open."""
-    data = b""
+    """One response with a Content-Length, leaving the connection open; what was read of
+    the next response is kept for the next call."""
+    data = _LEFTOVER.pop(sock, b"")
     sock.settimeout(10)
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         assert chunk, f"closed before a response: {data!r}"
         data += chunk
     status, headers, body = status_and_body(data)
-    while len(body) < int(headers["content-length"]):
-        body += sock.recv(65536)
-    return status, headers, body
+    length = int(headers["content-length"])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed in a response body: {body!r}"
+        body += chunk
+    if len(body) > length:
+        _LEFTOVER[sock] = body[length:]
+    return status, headers, body[:length]
 
 
 # -- honest clients -----------------------------------------------------------------------
