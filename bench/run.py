@@ -520,6 +520,12 @@ async def stored_keys(http: aiohttp.ClientSession, base: str, ids: list[str]) ->
     return keys
 
 
+async def same_bytes(http: aiohttp.ClientSession, url: str, key: str, who: str) -> None:
+    """`url` serves the bytes stored under `key` (its SHA-256 is the key's first part)."""
+    if await fetch_image(http, url, etag=False) != key.partition("/")[2][:64]:
+        raise RuntimeError(f"{who} serves other bytes than the service")
+
+
 def start_moto(procs: Processes, tmp: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     cmd = [PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
@@ -1029,9 +1035,7 @@ class Bench:
                 raise RuntimeError(f"image {key} is not in the service's image directory")
         nginx_base = f"http://127.0.0.1:{nginx}"
         nginx_paths = [f"/images/{key}" for key in keys]
-        served = await fetch_image(http, nginx_base + nginx_paths[0], etag=False)
-        if served != keys[0].partition("/")[2][:64]:  # the SHA-256 part of the key
-            raise RuntimeError("nginx serves other bytes than the service")
+        await same_bytes(http, nginx_base + nginx_paths[0], keys[0], "nginx")
         run = await self.compare_images(svc, ids, nginx_base, nginx_paths, "stored image")
         scenario = "stored images, file store (16 distinct 4 MiB images, 16 connections, 1 worker)"
         ratio_met = run.ratio >= 0.8
@@ -1081,9 +1085,7 @@ class Bench:
         nginx_base = f"http://127.0.0.1:{ports.s3}"
         nginx_paths = [f"/{S3_BUCKET}/{S3_PREFIX}/{key}" for key in keys]
         # nginx reads the object straight from moto: the same bytes the service copied there
-        served = await fetch_image(http, nginx_base + nginx_paths[0], etag=False)
-        if served != keys[0].partition("/")[2][:64]:  # the SHA-256 part of the key
-            raise RuntimeError("nginx (from moto) serves other bytes than the service")
+        await same_bytes(http, nginx_base + nginx_paths[0], keys[0], "nginx (from moto)")
         run = await self.compare_images(svc, ids, nginx_base, nginx_paths, "S3 image")
         self.procs.stop(svc.proc)
         scenario = "stored images, S3 store on moto, streamed (16 distinct 4 MiB, 16 connections)"

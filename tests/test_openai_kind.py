@@ -283,27 +283,50 @@ def test_a_queued_task_says_its_place_in_the_queue(tmp_path, openai, logs):
 # -- crashes: a job whose runner died is refunded, never run twice ------------------------------
 
 
-def test_a_runner_killed_mid_generation_refunds_and_the_upstream_saw_one(tmp_path, openai):
-    openai.delay = 30.0  # the generation is still running when the instance dies
-    env = {
+def process_env(tmp_path: Path, fake: FakeOpenAI, **extra: str) -> dict[str, str]:
+    """`scenemint serve` as a subprocess on the fake, with short leases."""
+    return {
         "SCENEMINT_UPSTREAM_KIND": "openai",
-        "CHATGPT2API_BASE_URL": openai.base_url,
-        "CHATGPT2API_API_KEY": openai.api_key,
+        "CHATGPT2API_BASE_URL": fake.base_url,
+        "CHATGPT2API_API_KEY": fake.api_key,
         "SCENEMINT_DATA_DIR": str(tmp_path / "data"),
         "SCENEMINT_LEASE_SECONDS": "2",
-        "SCENEMINT_RECONCILE_INTERVAL": "0.5",
+        **extra,
     }
+
+
+def send_one_generation(process: ServiceProcess, fake: FakeOpenAI) -> dict:
+    """Charge and queue one generation, and return once the fake has received it."""
+    httpx.post(process.url + "/api/quota/check-in", json={"fingerprint": FINGERPRINT})
+    task: dict = httpx.post(
+        process.url + "/api/images/generate",
+        json={"prompt": "a fox", "fingerprint": FINGERPRINT},
+    ).json()["data"]
+    deadline = time.monotonic() + 10
+    while not fake.generations:
+        assert time.monotonic() < deadline, "the job was never sent"
+        time.sleep(0.05)
+    return task
+
+
+def ledger(tmp_path: Path, columns: str, task_id: str) -> tuple:
+    """Columns of a task's row, read straight from the SQLite file."""
+    conn = sqlite3.connect(tmp_path / "data" / "scenemint.sqlite3")
+    try:
+        ((*values,),) = conn.execute(
+            f"SELECT {columns} FROM tasks WHERE id = ?", (task_id,)
+        ).fetchall()
+    finally:
+        conn.close()
+    return tuple(values)
+
+
+def test_a_runner_killed_mid_generation_refunds_and_the_upstream_saw_one(tmp_path, openai):
+    openai.delay = 30.0  # the generation is still running when the instance dies
+    env = process_env(tmp_path, openai, SCENEMINT_RECONCILE_INTERVAL="0.5")
     first = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
     try:
-        httpx.post(first.url + "/api/quota/check-in", json={"fingerprint": FINGERPRINT})
-        task = httpx.post(
-            first.url + "/api/images/generate",
-            json={"prompt": "a fox", "fingerprint": FINGERPRINT},
-        ).json()["data"]
-        deadline = time.monotonic() + 10
-        while not openai.generations:
-            assert time.monotonic() < deadline, "the job was never sent"
-            time.sleep(0.05)
+        task = send_one_generation(first, openai)
         first.kill()
         killed = time.monotonic()
     finally:
@@ -322,49 +345,22 @@ def test_a_runner_killed_mid_generation_refunds_and_the_upstream_saw_one(tmp_pat
         assert len(openai.generations) == 1
     finally:
         second.stop()
-    conn = sqlite3.connect(tmp_path / "data" / "scenemint.sqlite3")
-    try:
-        ((code, refunded),) = conn.execute("SELECT error_code, refunded FROM tasks").fetchall()
-    finally:
-        conn.close()
-    assert (code, refunded) == ("generation_interrupted", 1)
+    assert ledger(tmp_path, "error_code, refunded", task["id"]) == ("generation_interrupted", 1)
 
 
 def test_a_sigterm_lets_a_generation_already_sent_finish(tmp_path, openai):
     """The upstream makes (and bills) a generation it received anyway: a deploy's SIGTERM
     waits for it (SCENEMINT_JOB_DRAIN_TIMEOUT) instead of cutting and refunding it."""
     openai.delay = 2.0
-    env = {
-        "SCENEMINT_UPSTREAM_KIND": "openai",
-        "CHATGPT2API_BASE_URL": openai.base_url,
-        "CHATGPT2API_API_KEY": openai.api_key,
-        "SCENEMINT_DATA_DIR": str(tmp_path / "data"),
-        "SCENEMINT_LEASE_SECONDS": "2",
-    }
-    first = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
+    first = ServiceProcess(process_env(tmp_path, openai), cwd=str(tmp_path)).wait_ready()
     try:
-        httpx.post(first.url + "/api/quota/check-in", json={"fingerprint": FINGERPRINT})
-        task = httpx.post(
-            first.url + "/api/images/generate",
-            json={"prompt": "a fox", "fingerprint": FINGERPRINT},
-        ).json()["data"]
-        deadline = time.monotonic() + 10
-        while not openai.generations:
-            assert time.monotonic() < deadline, "the job was never sent"
-            time.sleep(0.05)
+        task = send_one_generation(first, openai)
         first.process.terminate()
         assert first.process.wait(15) is not None
         assert "letting 1 running finish" in first.log()
     finally:
         first.stop()
-    conn = sqlite3.connect(tmp_path / "data" / "scenemint.sqlite3")
-    try:
-        ((state, refunded),) = conn.execute(
-            "SELECT state, refunded FROM tasks WHERE id = ?", (task["id"],)
-        ).fetchall()
-    finally:
-        conn.close()
-    assert (state, refunded) == ("completed", 0)
+    assert ledger(tmp_path, "state, refunded", task["id"]) == ("completed", 0)
     assert len(openai.generations) == 1
 
 
@@ -384,24 +380,9 @@ def test_a_job_claimed_as_the_server_stops_is_not_sent_but_left_queued(service, 
 
 def test_a_second_stop_signal_cuts_the_drain(tmp_path, openai):
     openai.delay = 30.0
-    env = {
-        "SCENEMINT_UPSTREAM_KIND": "openai",
-        "CHATGPT2API_BASE_URL": openai.base_url,
-        "CHATGPT2API_API_KEY": openai.api_key,
-        "SCENEMINT_DATA_DIR": str(tmp_path / "data"),
-        "SCENEMINT_LEASE_SECONDS": "2",
-    }
-    process = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
+    process = ServiceProcess(process_env(tmp_path, openai), cwd=str(tmp_path)).wait_ready()
     try:
-        httpx.post(process.url + "/api/quota/check-in", json={"fingerprint": FINGERPRINT})
-        httpx.post(
-            process.url + "/api/images/generate",
-            json={"prompt": "a fox", "fingerprint": FINGERPRINT},
-        )
-        deadline = time.monotonic() + 10
-        while not openai.generations:
-            assert time.monotonic() < deadline, "the job was never sent"
-            time.sleep(0.05)
+        send_one_generation(process, openai)
         process.process.terminate()
         deadline = time.monotonic() + 10
         while "letting 1 running finish" not in process.log():
