@@ -383,6 +383,10 @@ def test_sigterm_lets_an_in_flight_request_finish_and_refuses_new_connections(pr
             httpx.get(proc.url + "/healthz", timeout=1)
         except httpx.ConnectError:
             break
+        except (httpx.ReadError, httpx.RemoteProtocolError):
+            # A connection the kernel queued just before the listener closed is reset,
+            # not served: also a refusal, but the next attempt must be refused outright.
+            pass
         assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
         time.sleep(0.05)
     assert proc.process.poll() is None  # still finishing the in-flight request
