@@ -7,6 +7,10 @@ the browser's parser. Every way a stream can end — the upstream's `[DONE]`, it
 one, a failure, an unexpected frame, the overall deadline, a server shutdown — ends ours
 with `data: [DONE]`, after an error frame in the reader's language where something went
 wrong.
+
+The upstream key never reaches the reader, not even spelled out across chunks: text at the
+end of a chunk's `content` that could be the start of the key is held back and sent with the
+next chunk of that choice, once the two together are redacted (`Redactor`).
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
+from typing import Any, Protocol
 
 from .errors import UpstreamError
 from .messages import message_for
@@ -25,6 +30,27 @@ log = logging.getLogger("scenemint.enhancement")
 _DONE = b"data: [DONE]\n\n"
 _END = object()
 _SHUTDOWN = object()
+_TEXT_FIELDS = ("content", "reasoning_content")  # the delta text a reader puts together
+
+
+class Redactor(Protocol):
+    """What the stream needs to keep the upstream key from the reader (`UpstreamHTTP`)."""
+
+    def hide(self, text: str) -> str:
+        """`text` with the key, spelled out in any case, replaced."""
+        ...
+
+    def key_start(self, text: str) -> int:
+        """How many characters at the end of `text` could begin the key."""
+        ...
+
+
+class _NoSecret:
+    def hide(self, text: str) -> str:
+        return text
+
+    def key_start(self, text: str) -> int:
+        return 0
 
 
 class EnhancementStream:
@@ -43,7 +69,7 @@ class EnhancementStream:
         deadline: float,
         chinese: bool = False,
         shutting_down: asyncio.Event | None = None,
-        redact: Callable[[str], str] = str,
+        redactor: Redactor | None = None,
     ) -> None:
         self._stack = stack
         self._events = events
@@ -51,7 +77,7 @@ class EnhancementStream:
         self._deadline = deadline  # loop time
         self._chinese = chinese
         self._shutting_down = shutting_down or asyncio.Event()
-        self._redact = redact  # the upstream key, in any spelling, never reaches a client
+        self._chunks = _Chunks(redactor or _NoSecret())
         self._closed = False
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -98,8 +124,10 @@ class EnhancementStream:
                     yield self._error("server_restarting")
                     yield _DONE
                     return
-                if item is _END:
-                    yield _DONE  # the upstream ended without [DONE]: end the stream properly
+                if item is _END:  # the upstream ended without [DONE]: end the stream properly
+                    for held in self._chunks.rest():
+                        yield b"data: " + held + b"\n\n"
+                    yield _DONE
                     return
                 if isinstance(item, UpstreamError):
                     yield self._error("enhance_interrupted")
@@ -107,9 +135,11 @@ class EnhancementStream:
                     return
                 assert isinstance(item, bytes)
                 if item.strip() == b"[DONE]":
+                    for held in self._chunks.rest():
+                        yield b"data: " + held + b"\n\n"
                     yield _DONE
                     return
-                frame = _chunk(item, self._redact)
+                frame = self._chunks.relay(item)
                 if frame is None:
                     # garbage or an error object: end with our own frame, never forward it
                     log.warning("enhancement stream: unexpected frame of %d bytes", len(item))
@@ -136,18 +166,67 @@ class EnhancementStream:
         return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-def _chunk(data: bytes, redact: Callable[[str], str]) -> bytes | None:
-    """The frame re-encoded on one line (and redacted: decoding spelled out any escaped
-    text), if it is a JSON object with a `choices` list."""
-    try:
-        frame = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(frame, dict) or not isinstance(frame.get("choices"), list):
-        return None
-    # json.dumps escapes every control character: the frame can never hold a line break
-    text = redact(json.dumps(frame, ensure_ascii=False, separators=(",", ":")))
-    try:
-        return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate (an escaped "\ud800"): keep it escaped
-        return redact(json.dumps(frame, separators=(",", ":"))).encode()
+class _Chunks:
+    """Upstream chunks re-encoded as one line each, redacted, with the text that could begin
+    the key held back per choice until the next chunk of that choice (or the end) shows it."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        self._redactor = redactor
+        self._held: dict[tuple[object, str], str] = {}  # (choice index, field) -> text
+        self._last: dict[str, Any] = {}  # the last chunk's id, model ... for a closing chunk
+
+    def relay(self, data: bytes) -> bytes | None:
+        """The chunk to send, if `data` is a JSON object with a `choices` list."""
+        try:
+            frame = json.loads(data)
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(frame, dict) or not isinstance(frame.get("choices"), list):
+            return None
+        for position, choice in enumerate(frame["choices"]):
+            if not isinstance(choice, dict) or not isinstance(choice.get("delta"), dict):
+                continue
+            index = choice.get("index", position)
+            index = index if isinstance(index, int | str) else position
+            finished = choice.get("finish_reason") is not None
+            delta = choice["delta"]
+            for field in _TEXT_FIELDS:
+                text = delta.get(field)
+                held = self._held.pop((index, field), "")
+                if not isinstance(text, str):
+                    if held and finished and text is None:  # the choice's last text
+                        delta[field] = held
+                    elif held:
+                        self._held[(index, field)] = held
+                    continue
+                text = self._redactor.hide(held + text)
+                keep = 0 if finished else self._redactor.key_start(text)
+                if keep:
+                    self._held[(index, field)] = text[-keep:]
+                    text = text[:-keep]
+                delta[field] = text
+        self._last = {
+            key: frame[key] for key in ("id", "object", "created", "model") if key in frame
+        }
+        return self._encode(frame)
+
+    def rest(self) -> list[bytes]:
+        """A closing chunk with the text still held back (it did not become the key)."""
+        if not self._held:
+            return []
+        choices: dict[object, dict[str, str]] = {}
+        for (index, field), text in self._held.items():
+            choices.setdefault(index, {})[field] = text
+        self._held.clear()
+        frame = dict(self._last)
+        frame["choices"] = [{"index": index, "delta": delta} for index, delta in choices.items()]
+        return [self._encode(frame)]
+
+    def _encode(self, frame: dict[str, Any]) -> bytes:
+        # json.dumps escapes every control character: the frame can never hold a line break;
+        # it spells out every string it decoded, so a key anywhere in it is plain to see
+        hide = self._redactor.hide
+        try:
+            return hide(json.dumps(frame, ensure_ascii=False, separators=(",", ":"))).encode()
+        except UnicodeEncodeError:  # a lone surrogate (an escaped "\ud800"): keep it escaped
+            return hide(json.dumps(frame, separators=(",", ":"))).encode()

@@ -920,7 +920,7 @@ class ImageService:
             deadline=deadline,
             chinese=chinese,
             shutting_down=self.shutting_down,
-            redact=upstream.http.redact,
+            redactor=upstream.http,
         )
 
     # -- operations ---------------------------------------------------------------------------

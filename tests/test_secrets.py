@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
 
 import httpx
+import pytest
 
 from tests.conftest import FINGERPRINT, check_in, make_settings, wait_finished
 from tests.fake_upstream import CHAT_PATH, TINY_PNG
@@ -133,6 +135,70 @@ def test_the_key_appears_in_no_answer_and_no_log_line(tmp_path, upstream, logs):
     assert all(r.authorization == f"Bearer {key}" for r in upstream.requests)
     assert any("upstream failure" in line for line in logs.lines)  # failures were logged
     assert key not in logs.text()
+
+
+def streamed_text(body: str) -> str:
+    """What a reader of an enhancement stream puts together: the chunks' content."""
+    parts = []
+    for frame in body.split("\n\n"):
+        if frame.startswith("data: {"):
+            for choice in json.loads(frame[len("data: ") :]).get("choices", []):
+                parts.append(choice.get("delta", {}).get("content") or "")
+    return "".join(parts)
+
+
+def chunk(content: str) -> bytes:
+    frame = {"choices": [{"index": 0, "delta": {"content": content}}]}
+    return b"data: " + json.dumps(frame).encode() + b"\n\n"
+
+
+@pytest.mark.parametrize(
+    ("key", "chunks", "raw", "expected"),
+    [
+        pytest.param(
+            "sk-live-0123456789",
+            ["the key is ", "sk-li", "ve-01234", "56789", ", and s", "k-", "y is not it"],
+            None,
+            "the key is [redacted], and sk-y is not it",
+            id="three-chunks",
+        ),
+        pytest.param(
+            "sk-live-0123456789", ["SK-LIVE", "-0123456789!"], None, "[redacted]!", id="case"
+        ),
+        pytest.param(  # its end is also its start: redacted whole before anything is held
+            "ab-key-ab", ["say ab-key-ab", " now"], None, "say [redacted] now", id="border"
+        ),
+        pytest.param(  # what only began like the key goes out with the finishing chunk
+            "sk-live-0123456789", ["ends with sk-li"], None, "ends with sk-li", id="finish"
+        ),
+        pytest.param(  # ... or, without one, in a chunk of its own before [DONE]
+            "sk-live-0123456789",
+            [],
+            [chunk("ends with sk-li"), b"data: [DONE]\n\n"],
+            "ends with sk-li",
+            id="done",
+        ),
+        pytest.param(  # ... or before the end of a stream without [DONE]
+            "sk-live-0123456789",
+            [],
+            [chunk("s"), chunk("k-live-0"), chunk("123456789.")],
+            "[redacted].",
+            id="eof",
+        ),
+    ],
+)
+def test_a_key_spelled_out_across_stream_chunks_is_redacted(
+    tmp_path, upstream, key, chunks, raw, expected
+):
+    upstream.api_key = key
+    upstream.chat_chunks = chunks
+    upstream.chat_raw = raw
+    with running_service(make_settings(tmp_path, upstream)) as service:
+        answer = service.http.post(ENHANCE, json={"prompt": "a fox", "direction": "creative"})
+    assert answer.status_code == 200, answer.text
+    assert answer.text.endswith("data: [DONE]\n\n")
+    assert key.lower() not in answer.text.lower()
+    assert streamed_text(answer.text) == expected
 
 
 def test_a_refused_connection_leaks_no_key(tmp_path, logs):

@@ -25,13 +25,11 @@ CI runs a fixed number of derandomized examples. By hand, for long runs:
     SCENEMINT_FUZZ_SEED=7          another seed than CI's derandomized one
     SCENEMINT_FUZZ_SHRINK=0        report the first failure as found, unshrunk (shrinking an
                                    example that talks to a live service takes minutes)
-    SCENEMINT_FUZZ_KNOWN=1         generate the case of the known limit too (below)
     SCENEMINT_FUZZ_MARGIN=3        seconds allowed beyond each configured bound (busy machine)
 
 A failure shows the requests made, their answers, and every raw answer the upstream gave
 ("served by the upstream"). What the fuzzer found is kept at the end of this file, one
-minimal reproduction each: four bugs, fixed (their cases are generated again), and one known
-limit, a strict xfail (left out of the strategies).
+minimal reproduction each: five bugs, fixed (their cases are generated again).
 """
 
 from __future__ import annotations
@@ -74,8 +72,6 @@ EXAMPLES = int(os.environ.get("SCENEMINT_FUZZ_EXAMPLES", "80"))
 SEED = os.environ.get("SCENEMINT_FUZZ_SEED", "").strip()
 MARGIN = float(os.environ.get("SCENEMINT_FUZZ_MARGIN", "1.5"))  # seconds, for a busy machine
 SHRINK = os.environ.get("SCENEMINT_FUZZ_SHRINK", "1") != "0"  # 0: report failures unshrunk
-# SCENEMINT_FUZZ_KNOWN=1: the case of the known limit too (the xfail test at the end)
-KNOWN = os.environ.get("SCENEMINT_FUZZ_KNOWN", "") == "1"
 
 TIMEOUTS: dict[str, Any] = {
     "submit_timeout": 1.0,
@@ -859,7 +855,7 @@ def sse_events(draw: Any) -> Event:
             ["chunk"] * 6
             + ["role", "stop", "choices", "json", "error", "line", "comment", "field"]
             + ["huge", "multiline", "deep", "done", "blank"]
-            + (["key-split"] if KNOWN else [])  # bug 3
+            + ["key-split"]
         )
     )
     if kind in ("chunk", "multiline"):
@@ -1304,11 +1300,11 @@ def test_any_upstream_answer_gets_a_bounded_enveloped_answer(
 
 
 # ------------------------------------------------------------------------- what it found
-# What the fuzzer found, each as the smallest upstream answer that shows it. Bugs 1, 2, 4
-# and 5 are fixed (these tests keep them fixed; the strategies generate their cases again).
-# Bug 3 is a known limit, a strict xfail left out of the strategies (SCENEMINT_FUZZ_KNOWN=1
-# puts it back): the key is redacted frame by frame, and a model that writes the key in two
-# chunks gets it past; holding back the end of every frame would delay every stream.
+# What the fuzzer found, each as the smallest upstream answer that shows it. All five are
+# fixed (these tests keep them fixed; the strategies generate their cases again). Bug 3 was
+# a known limit for a while: the key was redacted frame by frame, and a model that wrote the
+# key in two chunks got it past; now the end of a chunk that could begin the key is held
+# back until the next chunk shows whether it does.
 
 
 @contextmanager
@@ -1370,7 +1366,6 @@ def test_bug_2_a_json_escaped_key_in_a_chat_chunk_is_not_shown(harness):
     assert answer.status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="bug 3: redaction per frame, not across frames")
 def test_bug_3_a_key_split_across_chat_chunks_is_not_shown(harness):
     """Two chunks whose contents are the two halves of the key: each frame is clean, the text
     the reader puts together is the key."""

@@ -506,7 +506,23 @@ class UpstreamHTTP:
     def redact(self, text: str) -> str:
         """`text` without the key: spelled out in any case, or JSON-escaped (`\\/`,
         `\\u0074` ...: an error body is decoded before it is searched)."""
-        return self._key_pattern.sub("[redacted]", _unescaped(text))
+        return self.hide(_unescaped(text))
+
+    def hide(self, text: str) -> str:
+        """`text` with the key, spelled out in any case, replaced (text we encoded ourselves
+        needs nothing more)."""
+        return self._key_pattern.sub("[redacted]", text)
+
+    def key_start(self, text: str) -> int:
+        """How many characters at the end of `text` could begin the key (in any case): a
+        stream holds them back until its next chunk shows whether the key follows."""
+        if len(self._key) < 2:
+            return 0
+        key, tail = self._key.lower(), text[-(len(self._key) - 1) :].lower()
+        for start in range(len(tail)):
+            if key.startswith(tail[start:]):
+                return len(tail) - start
+        return 0
 
     def auth_headers(self) -> dict[str, str]:
         if self.settings.openai_auth == "api-key":  # Azure OpenAI's key header
