@@ -13,8 +13,8 @@ left is refunded by whoever settles it, unless the client comes back with its
 Idempotency-Key first.
 
 Finished images are copied into the image store before a task is reported completed
-(`copy_image`, run by the copier in `jobs.py`); sync jobs are sent by the runner
-(`run_job`). Both hold the row's lease while they work.
+(`complete`, run by the copier in `jobs.py`; the bytes side is `images/copier.py`); sync
+jobs are sent by the runner (`run_job`). Both hold the row's lease while they work.
 """
 
 from __future__ import annotations
@@ -47,14 +47,8 @@ from .errors import (
     StoreUnavailable,
     UpstreamError,
 )
-from .images import (
-    ImageStore,
-    NotAnImage,
-    digest_of,
-    key_for,
-    open_image_store,
-    verify_image,
-)
+from .images import ImageStore, digest_of, open_image_store
+from .images.copier import ImageCopier
 from .metrics import Metrics
 from .models import (
     Task,
@@ -78,7 +72,6 @@ from .settlement import (
     FetchFailed,
     Generated,
     Guard,
-    ImageRecord,
     Limits,
     Missing,
     Observation,
@@ -87,7 +80,6 @@ from .settlement import (
     Seen,
     Sending,
     State,
-    Stored,
     Unknown,
     decide,
 )
@@ -201,6 +193,14 @@ class ImageService:
         self.needs_reconcile = asyncio.Event()
         # set when a task's image is waiting to be copied (the upstream finished it)
         self.needs_copy = asyncio.Event()
+        # the bytes side of completion: downloads, checks and stores images
+        self.copier = (
+            None
+            if upstream is None
+            else ImageCopier(
+                settings=settings, images=self.images, metrics=self.metrics, upstream=upstream
+            )
+        )
         self._legacy_copies: dict[str, asyncio.Future[LedgerTask]] = {}
         # the stored image of a completed task never changes (only time expires it): kept
         self._stored_images: dict[str, StoredImage] = {}
@@ -674,47 +674,10 @@ class ImageService:
         days = self.settings.image_retention_days
         return bool(days and stored_at is not None and stored_at < self.store.now() - days * 86400)
 
-    async def copy_image(self, row: LedgerTask) -> Stored | FetchFailed:
-        """Download the task's image, check it is one, store it under its content hash.
-
-        One attempt, within `SCENEMINT_IMAGE_DEADLINE`; the caller holds the row's lease.
-        """
-        if not row.image_url:
-            return FetchFailed("no image URL")
-        try:
-            data = await self._download(row.image_url, row.id)
-            info = await asyncio.to_thread(verify_image, data)
-        except UpstreamError as exc:
-            self.metrics.image_copy_failures.labels("download").inc()
-            log.warning("copy of the image of %s failed: %s", row.id, exc.detail)
-            # an origin we may not fetch from will not become one by trying again
-            return FetchFailed(exc.detail, final=exc.reason == "forbidden")
-        except NotAnImage as exc:
-            self.metrics.image_copy_failures.labels("not_image").inc()
-            log.warning("the image of %s is not one we serve: %s", row.id, exc)
-            return FetchFailed(f"not an image: {exc}")
-        key = key_for(data, row.id)
-        try:
-            await self.images.put(key, data, content_type=info.content_type)
-        except ImageStoreUnavailable as exc:
-            self.metrics.image_copy_failures.labels("store").inc()
-            return FetchFailed(exc.detail)
-        self.metrics.image_copies.inc()
-        log.info("stored the image of %s (%d bytes, %s)", row.id, len(data), info.content_type)
-        return Stored(
-            ImageRecord(
-                key=key,
-                content_type=info.content_type,
-                size=len(data),
-                width=info.width,
-                height=info.height,
-            )
-        )
-
     async def complete(self, row: LedgerTask) -> LedgerTask | None:
         """Copy the image of a `fetching` row we hold the lease of, and settle what it gave."""
         async with self.lease(row):
-            observation = await self.copy_image(row)
+            observation = await self._copier().copy(row.id, row.image_url)
         return await self._observe(row, observation)
 
     # -- sync jobs (openai kind) ------------------------------------------------------------
@@ -788,54 +751,7 @@ class ImageService:
         if answer.data is None:
             assert answer.url is not None
             return Generated(answer.url, answer.revised_prompt)
-        try:
-            info = await asyncio.to_thread(verify_image, answer.data)
-        except NotAnImage as exc:
-            log.warning("generation of %s answered no image we serve: %s", row.id, exc)
-            return Refused(f"not an image: {exc}", code=ErrorCode.NO_IMAGE)
-        key = key_for(answer.data, row.id)
-        loop = asyncio.get_running_loop()
-        give_up = loop.time() + self.settings.image_fetch_deadline
-        pause = 0.5
-        while True:  # the bytes are only here: keep trying to store them for a while
-            try:
-                await self.images.put(key, answer.data, content_type=info.content_type)
-                break
-            except ImageStoreUnavailable as exc:
-                self.metrics.image_copy_failures.labels("store").inc()
-                if loop.time() + pause > give_up:
-                    return Refused(exc.detail, code=ErrorCode.IMAGE_UNAVAILABLE)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 30.0)
-        self.metrics.image_copies.inc()
-        record = ImageRecord(
-            key=key,
-            content_type=info.content_type,
-            size=len(answer.data),
-            width=info.width,
-            height=info.height,
-        )
-        return Stored(record, answer.revised_prompt)
-
-    async def _download(self, url: str, task_id: str) -> bytes:
-        """The bytes of an image URL (an `image/*` answer), capped in size and time."""
-        upstream = self._require_upstream()
-        deadline = asyncio.get_running_loop().time() + self.settings.image_deadline
-        limit = self.settings.max_image_bytes
-        async with upstream.open_image(url, deadline=deadline) as response:
-            declared = (response.content_type or "").split(";")[0].strip().lower()
-            if not declared.startswith("image/"):
-                raise UpstreamError(
-                    detail=f"image of {task_id} is {declared or 'untyped'}", reason="not_image"
-                )
-            if response.content_length is not None and response.content_length > limit:
-                raise UpstreamError(detail=f"image of {task_id} is {response.content_length} bytes")
-            data = bytearray()
-            async for chunk in response.chunks:
-                data += chunk
-                if len(data) > limit:
-                    raise UpstreamError(detail=f"image of {task_id} exceeds {limit} bytes")
-        return bytes(data)
+        return await self._copier().keep(row.id, answer.data, revised_prompt=answer.revised_prompt)
 
     async def _copy_legacy(self, row: LedgerTask) -> LedgerTask:
         """Copy the image of a task completed before the image store existed: once per
@@ -868,7 +784,7 @@ class ImageService:
                 return fresh
             row = fresh
         async with self.lease(claimed):
-            observation = await self.copy_image(claimed)
+            observation = await self._copier().copy(claimed.id, claimed.image_url)
         if isinstance(observation, FetchFailed):
             await self.store.renew(claimed, owner=self.owner, seconds=0)  # release it
             raise UpstreamError(detail=f"image of {row.id}: {observation.detail}")
@@ -976,6 +892,11 @@ class ImageService:
             log.error("upstream not configured: set CHATGPT2API_BASE_URL and CHATGPT2API_API_KEY")
             raise NotConfigured()
         return self.upstream
+
+    def _copier(self) -> ImageCopier:
+        self._require_upstream()
+        assert self.copier is not None  # made with the upstream
+        return self.copier
 
     async def _save_reference(self, task_id: str, reference: Reference) -> str:
         try:
