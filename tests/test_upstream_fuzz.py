@@ -29,7 +29,7 @@ CI runs a fixed number of derandomized examples. By hand, for long runs:
 
 A failure shows the requests made, their answers, and every raw answer the upstream gave
 ("served by the upstream"). What the fuzzer found is kept at the end of this file, one
-minimal reproduction each: five bugs, fixed (their cases are generated again).
+minimal reproduction each: six bugs, fixed (their cases are generated again).
 """
 
 from __future__ import annotations
@@ -1300,7 +1300,7 @@ def test_any_upstream_answer_gets_a_bounded_enveloped_answer(
 
 
 # ------------------------------------------------------------------------- what it found
-# What the fuzzer found, each as the smallest upstream answer that shows it. All five are
+# What the fuzzer found, each as the smallest upstream answer that shows it. All six are
 # fixed (these tests keep them fixed; the strategies generate their cases again). Bug 3 was
 # a known limit for a while: the key was redacted frame by frame, and a model that wrote the
 # key in two chunks got it past; now the end of a chunk that could begin the key is held
@@ -1371,6 +1371,18 @@ def test_bug_3_a_key_split_across_chat_chunks_is_not_shown(harness):
     the reader puts together is the key."""
     h = harness
     with serving(h, {CHAT: [sse_answer(Event("key-split", len(KEY) // 2))]}) as plan:
+        answer = enhanced(h, plan)
+    assert answer.status == 200
+    check_stream(answer)
+
+
+def test_bug_6_a_lone_surrogate_in_a_chat_chunk_ends_the_stream_properly(harness):
+    """A chunk whose content holds a lone surrogate (`"a\\udfffb"`, valid JSON): the frame was
+    re-encoded escaped, then the redactor decoded the escape again, and encoding the frame
+    raised mid-stream: the reader got a cut body and no [DONE]."""
+    h = harness
+    chunks = sse_answer(Event("chunk", "a\udfffb"), Event("chunk", "c"))
+    with serving(h, {CHAT: [chunks]}) as plan:
         answer = enhanced(h, plan)
     assert answer.status == 200
     check_stream(answer)
