@@ -13,6 +13,7 @@
     ├── StoreUnavailable            store_unavailable 503  (the database failed; Retry-After)
     ├── StoreRejected               store_rejected  400  (the database refused the data itself)
     ├── ImageStoreUnavailable       image_store_unavailable 503  (the image store failed)
+    │   └── ImageMissing            image_store_unavailable 503  (an image it should have)
     ├── Gone                        image_expired   410  (deleted by the retention rule)
     └── NotReady                    not_ready       503  (readiness: the database is down)
 
@@ -136,6 +137,15 @@ class ImageStoreUnavailable(ScenemintError):
     code = "image_store_unavailable"
     status = 503
     retry_after = 2.0
+
+
+class ImageMissing(ImageStoreUnavailable):
+    """The image store has no object for an image the ledger says is stored. The service
+    looks again (`ImageService.image_missing`): the retention sweep may have deleted it."""
+
+    def __init__(self, task_id: str, *, detail: str) -> None:
+        super().__init__(detail=detail)
+        self.task_id = task_id
 
 
 class Gone(ScenemintError):

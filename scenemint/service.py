@@ -39,6 +39,7 @@ from .errors import (
     BadRequest,
     Conflict,
     Gone,
+    ImageMissing,
     ImageStoreUnavailable,
     NotConfigured,
     NotFound,
@@ -668,6 +669,19 @@ class ImageService:
             self._stored_images.clear()  # ids are UUIDs: bounded in bytes by the count
         self._stored_images[task_id] = stored
         return stored
+
+    async def image_missing(self, missing: ImageMissing) -> ScenemintError:
+        """What to answer when the store lacks an image `image()` described: Gone once the
+        retention sweep deleted it (another instance may have, under its own settings; the
+        description kept here cannot know), else the store's error. The description is
+        dropped either way: the next request reads the ledger again."""
+        self._stored_images.pop(missing.task_id, None)
+        row = await self.store.get_task(missing.task_id)
+        if row is not None and (
+            row.image_expired_at is not None or self._past_retention(row.image_stored_at)
+        ):
+            return Gone()
+        return missing
 
     def _past_retention(self, stored_at: float | None) -> bool:
         """The retention rule (the sweep applies the same one, then deletes the object)."""

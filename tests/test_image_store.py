@@ -660,6 +660,33 @@ def _age(service: RunningService, task_id: str, seconds: float = 172800) -> None
     )
 
 
+def test_an_image_swept_while_described_in_memory_answers_410(tmp_path, upstream, logs):
+    """The service keeps what a completed task's image is (key, size, age) in memory. When
+    another instance sweeps it (a shorter retention there, a clock ahead: here, the ledger
+    row aged behind this instance's back), the next request finds the object gone and asks
+    the ledger again: 410 `image_expired`, not 503."""
+    settings = make_settings(tmp_path, upstream, image_retention_days=1.0)
+    with running_service(settings) as service:
+        check_in(service)
+        task_id = generate(service)
+        upstream.complete_task(task_id)
+        assert wait_finished(service, task_id)["status"] == "completed"
+        assert service.http.get(image_url(task_id)).content == TINY_PNG  # described, kept
+        _age(service, task_id)
+        assert service.run(service.app.state.sweeper.run_once()) == 1
+        assert service.http.head(image_url(task_id)).status_code == 410
+        assert_envelope(service.http.get(image_url(task_id)), 410, "image_expired")
+        # and a HEAD first, on a fresh description
+        other = generate(service)
+        upstream.complete_task(other, image=make_png(7, 7))
+        assert wait_finished(service, other)["status"] == "completed"
+        assert service.http.head(image_url(other)).status_code == 200
+        _age(service, other)
+        assert service.run(service.app.state.sweeper.run_once()) == 1
+        assert service.http.head(image_url(other)).status_code == 410
+        assert_envelope(service.http.get(image_url(other)), 410, "image_expired")
+
+
 def test_a_legacy_object_shared_with_a_live_task_outlives_the_expired_one(tmp_path, upstream, logs):
     """The first image store named objects by their digest alone, shared by the tasks that
     got the same bytes: such an object stays while one of its tasks is live."""

@@ -19,6 +19,7 @@ from starlette.datastructures import State
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ..errors import ImageMissing
 from ..messages import prefers_chinese
 from ..service import ImageService
 from .envelope import error_parts, ok_body_encoded
@@ -62,9 +63,14 @@ class TaskPollFastPath:
             await send(message)
 
         try:
-            image = await service.image(task_id)
-            response = await serve_image(Request(scope, receive), image, service.settings)
-            await response(scope, receive, tracked)
+            try:
+                image = await service.image(task_id)
+                response = await serve_image(Request(scope, receive), image, service.settings)
+                await response(scope, receive, tracked)
+            except ImageMissing as missing:
+                if started:
+                    raise
+                raise await service.image_missing(missing) from None
         except Exception as exc:
             if started:  # the head went out: nothing to do but end the connection
                 raise

@@ -19,7 +19,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from ..config import Settings
-from ..errors import ImageStoreUnavailable
+from ..errors import ImageMissing, ImageStoreUnavailable
 from ..service import StoredImage
 from .server import ZEROCOPY
 from .streaming import ClosingStreamResponse
@@ -59,6 +59,8 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
         )
     start, end = wanted if wanted is not None else (0, image.size)
     if head_only:
+        if await image.store.head(image.key) is None:
+            raise _missing(image)
         return Response(
             status_code=200,
             headers={**headers, "Content-Length": str(image.size)},
@@ -71,17 +73,19 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
     path = image.store.local_path(image.key)
     if path is not None and ZEROCOPY in request.scope.get("extensions", {}):
         # straight from the page cache to the socket (our server's zero-copy send)
-        return FileRangeResponse(
-            path, start, end, status_code=status, headers=headers, media_type=image.content_type
-        )
+        return FileRangeResponse(image, path, start, end, status_code=status, headers=headers)
     # the ledger knows the size: S3 reads with one GET; the file store checks the size
     # against the file before any byte is promised
     body = await image.store.read(image.key, start=start, end=end, size=image.size)
-    if body is None:  # gone from the store although the ledger has it: the audit says why
-        raise ImageStoreUnavailable(detail=f"image {image.key} of {image.task_id} is missing")
+    if body is None:  # gone from the store although the ledger has it
+        raise _missing(image)
     return ClosingStreamResponse(
         body.chunks, status_code=status, headers=headers, media_type=image.content_type
     )
+
+
+def _missing(image: StoredImage) -> ImageMissing:
+    return ImageMissing(image.task_id, detail=f"image {image.key} of {image.task_id} is missing")
 
 
 class FileRangeResponse(Response):
@@ -89,24 +93,26 @@ class FileRangeResponse(Response):
 
     def __init__(
         self,
+        image: StoredImage,
         path: Path,
         start: int,
         end: int,
         *,
         status_code: int,
         headers: Mapping[str, str],
-        media_type: str,
     ) -> None:
-        self._path, self._start, self._end = path, start, end
+        self._image, self._path, self._start, self._end = image, path, start, end
         self.status_code = status_code
-        self.media_type = media_type
+        self.media_type = image.content_type
         self.background = None
         self.init_headers(headers)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             fd = os.open(self._path, os.O_RDONLY)
-        except OSError as exc:  # lost, or unreadable: nothing was sent yet
+        except FileNotFoundError as exc:  # nothing was sent yet
+            raise _missing(self._image) from exc
+        except OSError as exc:  # unreadable: nothing was sent yet
             raise ImageStoreUnavailable(
                 detail=f"image file {self._path.name}: {exc.strerror or exc}"
             ) from exc

@@ -9,6 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
+from ..errors import ImageMissing
 from ..messages import prefers_chinese
 from ..service import ImageService
 from ..validation import clean_fingerprint
@@ -126,7 +127,10 @@ async def get_image(task_id: str, request: Request, service: ServiceDep) -> Resp
     """The finished image, from our image store. Immutable: cacheable for ever; single
     ranges, conditional requests, and (SCENEMINT_IMAGE_REDIRECT=presigned) redirects."""
     image = await service.image(task_id)
-    return await serve_image(request, image, service.settings)
+    try:
+        return await serve_image(request, image, service.settings)
+    except ImageMissing as missing:
+        raise await service.image_missing(missing) from None
 
 
 @router.post("/api/prompts/enhance", openapi_extra=_json_body(_ENHANCE))
