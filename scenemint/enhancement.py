@@ -9,8 +9,11 @@ with `data: [DONE]`, after an error frame in the reader's language where somethi
 wrong.
 
 The upstream key never reaches the reader, not even spelled out across chunks: text at the
-end of a chunk's `content` that could be the start of the key is held back and sent with the
-next chunk of that choice, once the two together are redacted (`Redactor`).
+end of a chunk's delta (`content`, or any other text field but `role`) that could be the
+start of the key is held back and sent with the next chunk of that choice and field, once
+the two together are redacted (`Redactor`), or in a chunk of its own before `[DONE]`.
+Nothing releases it earlier: not a `finish_reason` (gateways send `""` on every chunk, and
+a choice may go on after one).
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ log = logging.getLogger("scenemint.enhancement")
 _DONE = b"data: [DONE]\n\n"
 _END = object()
 _SHUTDOWN = object()
-_TEXT_FIELDS = ("content", "reasoning_content")  # the delta text a reader puts together
+_MAX_HELD = 64  # texts held back at once (choices x fields): more is no chat stream
 
 
 class Redactor(Protocol):
@@ -168,7 +171,8 @@ class EnhancementStream:
 
 class _Chunks:
     """Upstream chunks re-encoded as one line each, redacted, with the text that could begin
-    the key held back per choice until the next chunk of that choice (or the end) shows it."""
+    the key held back per choice and field until the next chunk of that choice and field (or
+    the end of the stream) shows whether it does."""
 
     def __init__(self, redactor: Redactor) -> None:
         self._redactor = redactor
@@ -188,23 +192,18 @@ class _Chunks:
                 continue
             index = choice.get("index", position)
             index = index if isinstance(index, int | str) else position
-            finished = choice.get("finish_reason") is not None
             delta = choice["delta"]
-            for field in _TEXT_FIELDS:
-                text = delta.get(field)
-                held = self._held.pop((index, field), "")
-                if not isinstance(text, str):
-                    if held and finished and text is None:  # the choice's last text
-                        delta[field] = held
-                    elif held:
-                        self._held[(index, field)] = held
+            for field, text in list(delta.items()):
+                if field == "role" or not isinstance(text, str):
                     continue
-                text = self._redactor.hide(held + text)
-                keep = 0 if finished else self._redactor.key_start(text)
+                text = self._redactor.hide(self._held.pop((index, field), "") + text)
+                keep = self._redactor.key_start(text)
                 if keep:
                     self._held[(index, field)] = text[-keep:]
                     text = text[:-keep]
                 delta[field] = text
+        if len(self._held) > _MAX_HELD:
+            return None  # not a chat stream: it ends with our error frame
         self._last = {
             key: frame[key] for key in ("id", "object", "created", "model") if key in frame
         }

@@ -137,19 +137,23 @@ def test_the_key_appears_in_no_answer_and_no_log_line(tmp_path, upstream, logs):
     assert key not in logs.text()
 
 
-def streamed_text(body: str) -> str:
-    """What a reader of an enhancement stream puts together: the chunks' content."""
+def streamed_text(body: str, field: str = "content") -> str:
+    """What a reader of an enhancement stream puts together: the chunks' content (or another
+    text field of their deltas), whatever their `finish_reason` says."""
     parts = []
     for frame in body.split("\n\n"):
         if frame.startswith("data: {"):
             for choice in json.loads(frame[len("data: ") :]).get("choices", []):
-                parts.append(choice.get("delta", {}).get("content") or "")
+                parts.append(choice.get("delta", {}).get(field) or "")
     return "".join(parts)
 
 
-def chunk(content: str) -> bytes:
-    frame = {"choices": [{"index": 0, "delta": {"content": content}}]}
+def chunk(content: str, *, finish: str | None = None, field: str = "content") -> bytes:
+    frame = {"choices": [{"index": 0, "delta": {field: content}, "finish_reason": finish}]}
     return b"data: " + json.dumps(frame).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
 
 
 @pytest.mark.parametrize(
@@ -174,7 +178,7 @@ def chunk(content: str) -> bytes:
         pytest.param(  # ... or, without one, in a chunk of its own before [DONE]
             "sk-live-0123456789",
             [],
-            [chunk("ends with sk-li"), b"data: [DONE]\n\n"],
+            [chunk("ends with sk-li"), DONE],
             "ends with sk-li",
             id="done",
         ),
@@ -184,6 +188,27 @@ def chunk(content: str) -> bytes:
             [chunk("s"), chunk("k-live-0"), chunk("123456789.")],
             "[redacted].",
             id="eof",
+        ),
+        pytest.param(  # a gateway that sends finish_reason "" with every chunk
+            "sk-live-0123456789",
+            [],
+            [chunk("key: sk-li", finish=""), chunk("ve-01234", finish=""), chunk("56789.")],
+            "key: [redacted].",
+            id="empty-finish",
+        ),
+        pytest.param(  # a choice that goes on after its finish_reason
+            "sk-live-0123456789",
+            [],
+            [chunk("the key is sk-li", finish="stop"), chunk("ve-0123456789!"), DONE],
+            "the key is [redacted]!",
+            id="after-finish",
+        ),
+        pytest.param(  # "ſ" (long s) is an "s" to a case-insensitive match of the key
+            "sk-live-0123456789",
+            [],
+            [chunk("the key is \u017f"), chunk("k-live-0123456789!"), DONE],
+            "the key is [redacted]!",
+            id="long-s",
         ),
     ],
 )
@@ -199,6 +224,36 @@ def test_a_key_spelled_out_across_stream_chunks_is_redacted(
     assert answer.text.endswith("data: [DONE]\n\n")
     assert key.lower() not in answer.text.lower()
     assert streamed_text(answer.text) == expected
+
+
+@pytest.mark.parametrize("field", ["refusal", "reasoning", "reasoning_content"])
+def test_a_key_spelled_out_across_chunks_of_any_delta_text_is_redacted(tmp_path, upstream, field):
+    key = "sk-live-0123456789"
+    upstream.api_key = key
+    upstream.chat_raw = [
+        chunk("the key is sk-li", field=field),
+        chunk("ve-0123456789!", field=field),
+        DONE,
+    ]
+    with running_service(make_settings(tmp_path, upstream)) as service:
+        answer = service.http.post(ENHANCE, json={"prompt": "a fox", "direction": "creative"})
+    assert answer.status_code == 200, answer.text
+    assert streamed_text(answer.text, field) == "the key is [redacted]!"
+
+
+def test_a_stream_holding_back_text_for_too_many_choices_ends_with_an_error(tmp_path, upstream):
+    """Each of 100 choices ends in the start of the key: what is held back is bounded (a
+    chat stream has a few choices), the stream ends with our error frame and [DONE]."""
+    key = "sk-live-0123456789"
+    upstream.api_key = key
+    choices = [{"index": i, "delta": {"content": "sk-"}} for i in range(100)]
+    upstream.chat_raw = [b"data: " + json.dumps({"choices": choices}).encode() + b"\n\n", DONE]
+    with running_service(make_settings(tmp_path, upstream)) as service:
+        answer = service.http.post(ENHANCE, json={"prompt": "a fox", "direction": "creative"})
+    assert answer.status_code == 200, answer.text
+    frames = answer.text.split("\n\n")
+    assert frames[-2:] == ["data: [DONE]", ""]
+    assert json.loads(frames[-3][len("data: ") :])["error"]["code"] == "enhance_interrupted"
 
 
 def test_a_refused_connection_leaks_no_key(tmp_path, logs):

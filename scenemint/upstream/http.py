@@ -106,6 +106,9 @@ class UpstreamHTTP:
         self._key = key
         self._key_bytes = key.encode()
         self._key_pattern = re.compile(re.escape(key), re.IGNORECASE)
+        # [n]: the key's first n characters, matched as `_key_pattern` matches (IGNORECASE
+        # also takes "ſ" for "s" and the Kelvin sign for "k": str.lower() does not)
+        self._key_starts = [re.compile(re.escape(key[:n]), re.IGNORECASE) for n in range(len(key))]
         self.origin = origin_of(root)
         self.metrics = metrics or Metrics()
         image_origins = {self.origin} | {origin_of(host) for host in settings.image_hosts}
@@ -516,12 +519,9 @@ class UpstreamHTTP:
     def key_start(self, text: str) -> int:
         """How many characters at the end of `text` could begin the key (in any case): a
         stream holds them back until its next chunk shows whether the key follows."""
-        if len(self._key) < 2:
-            return 0
-        key, tail = self._key.lower(), text[-(len(self._key) - 1) :].lower()
-        for start in range(len(tail)):
-            if key.startswith(tail[start:]):
-                return len(tail) - start
+        for n in range(min(len(text), len(self._key) - 1), 0, -1):
+            if self._key_starts[n].fullmatch(text, len(text) - n):
+                return n
         return 0
 
     def auth_headers(self) -> dict[str, str]:
