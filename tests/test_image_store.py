@@ -380,6 +380,11 @@ def test_an_image_lost_from_the_store_is_a_clean_503(tmp_path, upstream, logs, p
             assert answer.headers["retry-after"] == "2" and body["message"]
         tail = service.http.get(image_url(task_id), headers={"Range": "bytes=2000-"})
         assert_envelope(tail, 503, "image_store_unavailable")
+        # bytes a cut-short file still has are not served either, nor its size promised
+        head = service.http.get(image_url(task_id), headers={"Range": "bytes=0-9"})
+        assert_envelope(head, 503, "image_store_unavailable")
+        answer = service.http.head(image_url(task_id))
+        assert answer.status_code == 503 and "content-range" not in answer.headers
 
 
 def test_if_none_match_with_the_etag_answers_304(stored):

@@ -58,9 +58,12 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
             },
         )
     start, end = wanted if wanted is not None else (0, image.size)
-    if head_only:
-        if await image.store.head(image.key) is None:
+    if head_only:  # promise only what a GET would send
+        info = await image.store.head(image.key)
+        if info is None:
             raise _missing(image)
+        if info.size != image.size:
+            raise _wrong_size(image, info.size)
         return Response(
             status_code=200,
             headers={**headers, "Content-Length": str(image.size)},
@@ -86,6 +89,11 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
 
 def _missing(image: StoredImage) -> ImageMissing:
     return ImageMissing(image.task_id, detail=f"image {image.key} of {image.task_id} is missing")
+
+
+def _wrong_size(image: StoredImage, size: int) -> ImageStoreUnavailable:
+    # the same check as the file store's read (the audit reports it too)
+    return ImageStoreUnavailable(detail=f"image {image.key} has {size} bytes, not {image.size}")
 
 
 class FileRangeResponse(Response):
@@ -117,8 +125,9 @@ class FileRangeResponse(Response):
                 detail=f"image file {self._path.name}: {exc.strerror or exc}"
             ) from exc
         try:
-            if os.fstat(fd).st_size < self._end:  # cut short behind our back: say so first
-                raise ImageStoreUnavailable(detail=f"image file {self._path.name} is too short")
+            size = os.fstat(fd).st_size
+            if size != self._image.size:  # changed behind our back: say so before any byte
+                raise _wrong_size(self._image, size)
             await send(
                 {
                     "type": "http.response.start",
