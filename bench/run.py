@@ -765,6 +765,25 @@ def figure(
     }
 
 
+def image_figures(
+    scenario: str, prefix: str, run: ImageRun, nginx_metric: str, *, floor: float, what: str
+) -> list[dict[str, Any]]:
+    """Throughput of our image route beside nginx's, and their ratio against `floor`."""
+    met = run.ratio >= floor
+    return [
+        figure(scenario, f"{prefix}_mib_s", run.ours_mib, "MiB/s",
+               reference=run.theirs_mib, reference_metric=nginx_metric,
+               note=f"{run.errors} failed downloads" if run.errors else None),
+        figure(scenario, nginx_metric, run.theirs_mib, "MiB/s"),
+        figure(
+            scenario, f"{prefix}_ratio_vs_nginx", run.ratio, "ratio",
+            reference=run.theirs_mib, reference_metric=nginx_metric,
+            target=f">= {floor} ({floor:.0%} of nginx {what})", met=met,
+            note=None if met else f"missed by {floor - run.ratio:.2f} ({run.ratio:.0%} of nginx)",
+        ),
+    ]  # fmt: skip
+
+
 def wrk_figures(
     scenario: str, prefix: str, result: WrkResult, suffix: str = ""
 ) -> list[dict[str, Any]]:
@@ -1038,20 +1057,10 @@ class Bench:
         await same_bytes(http, nginx_base + nginx_paths[0], keys[0], "nginx")
         run = await self.compare_images(svc, ids, nginx_base, nginx_paths, "stored image")
         scenario = "stored images, file store (16 distinct 4 MiB images, 16 connections, 1 worker)"
-        ratio_met = run.ratio >= 0.8
         growth_met = run.growth <= 30
         self.add(
-            figure(scenario, "image_store_mib_s", run.ours_mib, "MiB/s",
-                   reference=run.theirs_mib, reference_metric="nginx_sendfile_mib_s",
-                   note=f"{run.errors} failed downloads" if run.errors else None),
-            figure(scenario, "nginx_sendfile_mib_s", run.theirs_mib, "MiB/s"),
-            figure(
-                scenario, "image_store_ratio_vs_nginx", run.ratio, "ratio",
-                reference=run.theirs_mib, reference_metric="nginx_sendfile_mib_s",
-                target=">= 0.8 (80% of nginx sendfile of the same files)", met=ratio_met,
-                note=None if ratio_met
-                else f"missed by {0.8 - run.ratio:.2f} ({run.ratio:.0%} of nginx)",
-            ),
+            *image_figures(scenario, "image_store", run, "nginx_sendfile_mib_s", floor=0.8,
+                           what="sendfile of the same files"),
             figure(
                 scenario, "image_store_rss_growth_mib", run.growth, "MiB",
                 reference=run.idle, reference_metric="image_store_idle_rss_mib",
@@ -1089,19 +1098,9 @@ class Bench:
         run = await self.compare_images(svc, ids, nginx_base, nginx_paths, "S3 image")
         self.procs.stop(svc.proc)
         scenario = "stored images, S3 store on moto, streamed (16 distinct 4 MiB, 16 connections)"
-        ratio_met = run.ratio >= 0.7
         self.add(
-            figure(scenario, "image_s3_mib_s", run.ours_mib, "MiB/s",
-                   reference=run.theirs_mib, reference_metric="nginx_s3_proxy_mib_s",
-                   note=f"{run.errors} failed downloads" if run.errors else None),
-            figure(scenario, "nginx_s3_proxy_mib_s", run.theirs_mib, "MiB/s"),
-            figure(
-                scenario, "image_s3_ratio_vs_nginx", run.ratio, "ratio",
-                reference=run.theirs_mib, reference_metric="nginx_s3_proxy_mib_s",
-                target=">= 0.7 (70% of nginx proxy_pass to the same S3)", met=ratio_met,
-                note=None if ratio_met
-                else f"missed by {0.7 - run.ratio:.2f} ({run.ratio:.0%} of nginx)",
-            ),
+            *image_figures(scenario, "image_s3", run, "nginx_s3_proxy_mib_s", floor=0.7,
+                           what="proxy_pass to the same S3"),
             figure(scenario, "image_s3_rss_growth_mib", run.growth, "MiB",
                    reference=run.idle, reference_metric="image_s3_idle_rss_mib"),
             figure(scenario, "image_s3_idle_rss_mib", run.idle, "MiB"),
