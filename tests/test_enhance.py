@@ -92,7 +92,7 @@ def test_the_answer_is_an_sse_stream_of_chunks_ending_with_done(service, upstrea
     answer = enhance(service)
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/event-stream")
-    assert answer.headers["cache-control"] == "no-cache"
+    assert answer.headers["cache-control"] == "no-store"
     assert answer.headers["x-accel-buffering"] == "no"
     frames = frames_of(answer.text)
     assert frames[-1] == DONE

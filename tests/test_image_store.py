@@ -473,6 +473,17 @@ def test_a_range_past_the_end_is_416(stored):
     assert answer.headers["cache-control"] == "no-store"  # about the request, not the image
 
 
+@pytest.mark.parametrize("header", ["bytes=999999-", "bytes=0-9", "bytes=-5"])
+def test_head_ignores_a_range_and_answers_the_whole_image_headers(stored, header):
+    """Ranges are for GET only: HEAD with any Range (past the end too) is 200, never 416."""
+    service, task_id, picture = stored
+    answer = service.http.head(image_url(task_id), headers={"Range": header})
+    assert answer.status_code == 200 and answer.content == b""
+    assert answer.headers["content-length"] == str(len(picture))
+    assert "content-range" not in answer.headers
+    assert answer.headers["cache-control"] == "public, max-age=31536000, immutable"
+
+
 @pytest.mark.parametrize(
     "header",
     [

@@ -375,3 +375,28 @@ def test_a_poll_failure_after_a_failure_upstream_still_refunds_only_once(service
     for _ in range(3):
         assert poll(service, task["id"])["status"] == "failed"
     assert balance(service) == 10
+
+
+# -- answers a cache may not keep -------------------------------------------------------------
+
+
+def test_every_answer_that_can_change_says_no_store(service, upstream):
+    """A CDN rule that caches JSON must never keep a `queued` answer, a balance or an error."""
+    check_in(service)
+    answers = {
+        "check-in": service.http.post("/api/quota/check-in", json={"fingerprint": FINGERPRINT}),
+        "status": service.http.post("/api/quota/status", json={"fingerprint": FINGERPRINT}),
+        "generate": service.http.post(
+            "/api/images/generate",
+            json={"prompt": "a red fox", "size": "1:1", "fingerprint": FINGERPRINT},
+        ),
+        "bad generate": service.http.post("/api/images/generate", json={"prompt": ""}),
+        "unknown id": service.http.get(f"/api/images/tasks/{uuid.uuid4()}"),
+        "not an id": service.http.get("/api/images/tasks/nope"),
+        "no image yet": service.http.get(f"/api/images/tasks/{uuid.uuid4()}/image"),
+        "path too long": service.http.get("/api/images/tasks/" + "x" * 2000),
+    }
+    task_id = answers["generate"].json()["data"]["id"]
+    answers["poll"] = service.http.get(f"/api/images/tasks/{task_id}")
+    for name, answer in answers.items():
+        assert answer.headers.get("cache-control") == "no-store", (name, answer.headers)

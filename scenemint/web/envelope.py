@@ -18,6 +18,10 @@ from ..messages import message_for, prefers_chinese
 log = logging.getLogger("scenemint.web")
 
 _JSON = "application/json"
+# every envelope describes a moment (a task's state, a balance, an error): no cache, no CDN
+# in front of the service, may keep one (a cached `queued` would be polled for ever)
+NO_STORE = "no-store"
+_NO_STORE_HEADERS = {"Cache-Control": NO_STORE}
 
 
 _OK_PREFIX = b'{"code": 0, "message": "ok", "data": '
@@ -33,7 +37,7 @@ def ok_body_encoded(data: bytes) -> bytes:
 
 
 def ok(data: Any) -> Response:
-    return Response(ok_body(data), media_type=_JSON)
+    return Response(ok_body(data), media_type=_JSON, headers=_NO_STORE_HEADERS)
 
 
 def failure_body(
@@ -52,9 +56,9 @@ def _seconds(value: float) -> int:
 
 def error_parts(
     exc: BaseException, accept_language: str | None
-) -> tuple[int, bytes, dict[str, str] | None]:
+) -> tuple[int, bytes, dict[str, str]]:
     """Map any exception to (status, envelope, headers): ours by code and status, else 500."""
-    headers: dict[str, str] | None = None
+    headers: dict[str, str] = dict(_NO_STORE_HEADERS)
     retry_after: float | None = None
     if isinstance(exc, ScenemintError):
         if exc.status >= 500:
@@ -62,7 +66,7 @@ def error_parts(
         code, status = exc.code, exc.status
         retry_after = exc.retry_after
         if retry_after is not None:
-            headers = {"Retry-After": str(_seconds(retry_after))}
+            headers["Retry-After"] = str(_seconds(retry_after))
     elif isinstance(exc, RequestValidationError):
         code, status = "bad_request", 400
     elif isinstance(exc, StarletteHTTPException):
@@ -70,7 +74,7 @@ def error_parts(
         code = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(
             status, "bad_request"
         )
-        headers = dict(exc.headers) if exc.headers else None
+        headers.update(exc.headers or {})
     else:
         log.exception("unexpected error", exc_info=exc)
         code, status = "internal_error", 500

@@ -28,6 +28,7 @@ from .images import serve_image
 _PREFIX = "/api/images/tasks/"
 _IMAGE = "/image"
 _JSON_HEADER = (b"content-type", b"application/json")
+_NO_STORE_HEADER = (b"cache-control", b"no-store")
 
 
 class TaskPollFastPath:
@@ -77,7 +78,7 @@ class TaskPollFastPath:
             await self._error(send, exc, _header(scope, b"accept-language"))
 
     async def _poll(self, scope: Scope, send: Send, task_id: str) -> None:
-        headers = [_JSON_HEADER]
+        headers = [_JSON_HEADER, _NO_STORE_HEADER]
         language = _header(scope, b"accept-language")
         try:
             service: ImageService = self._state.service
@@ -94,7 +95,7 @@ class TaskPollFastPath:
         """The envelope every route answers an error with (`error_parts`)."""
         status, body, extra = error_parts(exc, language.decode("latin-1") if language else None)
         headers = [_JSON_HEADER]
-        headers += [(k.lower().encode(), v.encode()) for k, v in (extra or {}).items()]
+        headers += [(k.lower().encode(), v.encode()) for k, v in extra.items()]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

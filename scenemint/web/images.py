@@ -46,7 +46,8 @@ async def serve_image(request: Request, image: StoredImage, settings: Settings) 
                 status_code=302, headers={"Location": url, "Cache-Control": _REDIRECT_CACHE}
             )
     head_only = request.method == "HEAD"
-    wanted = _range(request.headers, image)
+    # ranges are for GET only (RFC 9110 §14.2): a HEAD answers the whole image's headers
+    wanted = None if head_only else _range(request.headers, image)
     if isinstance(wanted, str):  # about this request, not the image: not cacheable for ever
         return Response(
             status_code=416,

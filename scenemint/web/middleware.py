@@ -102,6 +102,10 @@ def _incoming_id(scope: Scope) -> str | None:
 async def _too_long(scope: Scope, send: Send) -> None:
     language = next((v for k, v in scope["headers"] if k == b"accept-language"), b"")
     body = failure_body("path_too_long", accept_language=language.decode("latin-1"))
-    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"cache-control", b"no-store"),
+        (b"content-length", b"%d" % len(body)),
+    ]
     await send({"type": "http.response.start", "status": 414, "headers": headers})
     await send({"type": "http.response.body", "body": body})

@@ -148,7 +148,7 @@ async def enhance(request: Request, service: ServiceDep) -> Response:
         close=stream.aclose,
         gauge=service.metrics.open_streams.labels("enhance"),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
 
 

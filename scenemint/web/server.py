@@ -165,6 +165,7 @@ def _response(
         parts += [name, b": ", value, b"\r\n"]
     parts += [
         b"content-type: application/json\r\n",
+        b"cache-control: no-store\r\n",
         b"content-length: ",
         str(len(body)).encode("ascii"),
         b"\r\n",
