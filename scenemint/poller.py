@@ -7,6 +7,8 @@ asked for after the poller read its ledger row, so it can never describe an olde
 (`settlement` relies on that). Reuse of answers across polls is the service's business
 (its answer cache, keyed by the row's version), not this module's.
 
+An id the listing names in neither `items` nor `missing_ids` is unknown, not missing.
+
 A listing that fails is split until the failing id is alone (`list_isolating`): one id the
 upstream chokes on fails only its own pollers. The runner survives anything a listing
 raises: the waiters of that batch get an `UpstreamError`, the next batch goes on.
@@ -44,7 +46,21 @@ async def list_isolating(fetch: Fetch, ids: list[str]) -> dict[str, Outcome]:
             list_isolating(fetch, ids[:middle]), list_isolating(fetch, ids[middle:])
         )
         return first | second
-    return {task_id: listing.items.get(task_id) for task_id in ids}
+    return {task_id: _outcome(listing, task_id) for task_id in ids}
+
+
+def _outcome(listing: TaskListing, task_id: str) -> Outcome:
+    """What the listing says of one id: the task, None when the upstream says it does not
+    know it (`missing_ids`), or unknown when the answer left the id out of both (a partial
+    or paginated answer proves nothing: the task may well exist)."""
+    found = listing.items.get(task_id)
+    if found is not None:
+        return found
+    if task_id in listing.missing:
+        return None
+    return UpstreamError(
+        detail=f"list: the listing left {task_id} out of items and missing_ids", reason="partial"
+    )
 
 
 def _may_depend_on_ids(exc: UpstreamError) -> bool:

@@ -216,6 +216,23 @@ def test_a_task_the_upstream_forgot_fails_and_is_refunded(service, upstream):
     assert balance(service) == 10
 
 
+def test_an_id_a_listing_leaves_out_is_unknown_not_missing(service, upstream):
+    """A partial (or paginated) listing names the id in neither `items` nor `missing_ids`:
+    that proves nothing. Neither a poll nor the reconciler fails or refunds the task."""
+    check_in(service)
+    task = generate(service)
+    upstream.wrong_shape(LISTING, payload={"items": [], "missing_ids": []})
+    answer = service.http.get(f"/api/images/tasks/{task['id']}")
+    assert answer.status_code == 502  # what a listing that did not answer gets
+    service.run(service.app.state.reconciler.run_once())
+    assert service.run(service.service.store.get_task(task["id"])).state == "queued"
+    assert balance(service) == 9
+    upstream.clear_faults()
+    upstream.complete_task(task["id"], image=TINY_PNG)
+    assert wait_finished(service, task["id"])["status"] == "completed"
+    assert balance(service) == 9
+
+
 def test_an_id_we_never_created_answers_missing_without_asking_upstream(service, upstream):
     unknown = str(uuid.uuid4())
     before = len(upstream.requests)
