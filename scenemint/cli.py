@@ -14,7 +14,6 @@ import typer
 
 from .cli_client import credits, enhance, generate
 from .config import Settings
-from .images.audit import audit_images
 
 app = typer.Typer(
     help="SceneMint: a credit-limited gateway for AI image generation.",
@@ -132,7 +131,6 @@ def credits_audit() -> None:
 
 
 images_app = typer.Typer(help="The image store: check it against the ledger.")
-_ORPHAN_AGE = 86400.0  # seconds: far beyond any copy's lease
 
 
 @images_app.command("audit")
@@ -141,14 +139,15 @@ def images_audit(
         bool,
         typer.Option(
             "--delete-orphans",
-            help="Delete the objects of no task that are over a day old (what a copy left"
-            " when its ledger write failed) instead of reporting them.",
+            help="Delete now the objects of no task over an hour old (what a copy left when"
+            " its ledger write failed; the retention sweeper removes them too).",
         ),
     ] = False,
 ) -> None:
-    """Every completed, unexpired task has its image in the store, and every stored image
-    belongs to a task; exit 1 otherwise."""
+    """Every completed, unexpired task has its image in the store (of the recorded size);
+    exit 1 otherwise. Objects of no task are counted: expected after a crash."""
     from .images import open_image_store
+    from .images.audit import ORPHAN_GRACE, audit_images
     from .store import open_store
 
     async def run() -> bool:
@@ -158,7 +157,7 @@ def images_audit(
             settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
         )
         try:
-            cutoff = time.time() - _ORPHAN_AGE if delete_orphans else None
+            cutoff = time.time() - ORPHAN_GRACE if delete_orphans else None
             report = await audit_images(store, images, delete_orphans_before=cutoff)
         finally:
             await images.close()
@@ -168,6 +167,12 @@ def images_audit(
             f" objects {report.objects}; legacy tasks not copied yet {report.legacy}"
             + (f"; objects of no task deleted {report.deleted}" if delete_orphans else "")
         )
+        if report.orphans:
+            note = f"; {report.overdue} older: is the sweeper running?" if report.overdue else ""
+            typer.echo(
+                f"objects of no task {report.orphans}: expected after a crash or a failed"
+                f" ledger write, removed by the sweeper once {ORPHAN_GRACE / 3600:g} h old{note}"
+            )
         for violation in report.violations:
             typer.echo(f"VIOLATION: {violation}", err=True)
         typer.echo(

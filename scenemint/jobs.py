@@ -16,8 +16,9 @@ mid-copy loses its lease; the next holder copies again (writes are atomic: nothi
 written is ever visible under a key).
 
 The sweeper: one instance at a time (a named lease), every `SCENEMINT_SWEEP_INTERVAL`,
-marks images older than `SCENEMINT_IMAGE_RETENTION_DAYS` expired and deletes the objects no
-live task uses any more.
+marks images older than `SCENEMINT_IMAGE_RETENTION_DAYS` expired, deletes the objects no
+live task uses any more, and removes objects of no task over an hour old (what a copy left
+when it was killed between storing an image and recording it).
 
 Both loops survive any exception of one item: it is logged and counted, the loop goes on.
 """
@@ -30,6 +31,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from .images.audit import ORPHAN_GRACE, orphans, remove_orphan
 from .service import ImageService
 from .store import LedgerTask
 
@@ -245,7 +247,27 @@ class Sweeper:
             if not progress:
                 break
         service.metrics.images_expired.inc(deleted)
+        removed = await self._remove_orphans()
         service.metrics.image_store_bytes.set(await store.stored_bytes())
-        if deleted:
-            log.info("image sweep: deleted %d expired images", deleted)
+        if deleted or removed:
+            log.info(
+                "image sweep: deleted %d expired images and %d objects of no task",
+                deleted,
+                removed,
+            )
         return deleted
+
+    async def _remove_orphans(self) -> int:
+        """Objects of no task over `ORPHAN_GRACE` old: what a copy left when it was killed
+        (or its ledger write failed) between storing the object and recording it."""
+        service = self._service
+        before = service.store.now() - ORPHAN_GRACE
+        removed = 0
+        for key in await orphans(service.store, service.images):
+            try:
+                if await remove_orphan(service.store, service.images, key, before=before):
+                    removed += 1
+            except Exception:
+                log.exception("image sweep: cannot remove %s; left for the next sweep", key)
+        service.metrics.image_orphans_removed.inc(removed)
+        return removed

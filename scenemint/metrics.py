@@ -92,6 +92,11 @@ class Metrics:
         self.images_expired = Counter(
             "scenemint_images_expired", "Images deleted by the retention rule", registry=r
         )
+        self.image_orphans_removed = Counter(
+            "scenemint_image_orphans_removed",
+            "Objects of no task (left by a copy killed before its ledger write) removed",
+            registry=r,
+        )
         self.job_errors = Counter(
             "scenemint_job_errors",
             "Work items (image copies, generation jobs) that raised; each is tried again",

@@ -145,8 +145,8 @@ def test_the_images_audit_checks_the_bucket(tmp_path, upstream, logs, s3_server,
     orphan = "ab/ab" + "0" * 62
     assert httpx.put(f"{s3_server}/{bucket}/p/{orphan}", content=b"x").status_code == 200
     result = runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
-    assert result.exit_code == 1
-    assert f"object {orphan}: belongs to no task" in result.output
+    assert result.exit_code == 0, result.output  # an expected leftover, not a violation
+    assert "objects of no task 1: expected after a crash" in result.output
 
 
 def test_an_unreachable_bucket_is_not_ready_and_keeps_the_task_running(tmp_path, upstream, logs):
