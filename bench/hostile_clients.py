@@ -1,31 +1,42 @@
 #!/usr/bin/env python3
-"""Hostile clients against a running service: does the server close them, and how fast?
+"""Hostile clients against a running service: does the server close them, how fast, and
+what do they cost it in memory?
 
     python bench/hostile_clients.py --url http://127.0.0.1:3000 --count 2000
     python bench/hostile_clients.py --slowloris 2000 --idle 10000 --partial 2000 --wait 30
+    scenemint serve --demo & python bench/hostile_clients.py --count 0 --bighead 20 \
+        --stalled 200 --trickle 50 --make-image --pid $! --wait 90
 
-Opens, all at the same time, three kinds of connections that a server without deadlines
-holds for as long as the client likes:
+Opens, all at the same time, kinds of connections that a server without deadlines or
+limits holds for as long as the client likes, or that make it grow:
 
 - slowloris: sends `GET /healthz HTTP/1.1`, `Host:` and then one byte of a header line every
   `--drip` seconds, never ending the head;
 - idle: connects and sends nothing;
 - partial body: sends a complete `POST /api/quota/status` head with `Content-Length: 1000`
-  and 10 bytes of the body, then nothing.
+  and 10 bytes of the body, then nothing;
+- bighead: sends header lines of 64 KiB as fast as the server takes them, never ending the
+  head (the header deadline limits time, not bytes: a server without a head limit grows
+  by what these send within it);
+- stalled: asks for a large answer (`--big-path`, or the image of a task made with
+  `--make-image`) with a 4 KiB receive buffer and never reads it;
+- trickle: the same, read at `--trickle-rate` bytes a second (1 KiB/s).
 
 Each connection waits (dripping, for the slowloris ones) until the server closes it or
 `--wait` seconds have passed since it was opened; then this script closes what is left.
 While they are open, an honest client asks `GET /healthz` on a new connection every
 `--probe-interval` seconds. The report gives, per kind: connections opened, closed by the
-server (and how: 408, 503, closed without an answer, reset), left open by the server, and
-the seconds from open to close (p50, p90, max); and the honest client's answers.
-Progress goes to stderr; the report to stdout, with `--json` as one JSON object.
+server (and how: 408, 431, 503, closed without an answer, reset), left open by the server,
+and the seconds from open to close (p50, p90, max); the honest client's answers; and, with
+`--pid`, the server's resident memory (its process and children) before, at the peak and
+at the end. Progress goes to stderr; the report to stdout, with `--json` as one JSON object.
 
 Everything runs in this one process on asyncio: `--count 10000` needs as many file
 descriptors (the script lifts its soft limit to the hard one; see `ulimit -n`). The
 service lifts its own. The server's limits are its own settings: `SCENEMINT_HEADER_TIMEOUT`
 (10 s: slowloris, idle, and the partial body's grace), `SCENEMINT_BODY_MIN_RATE`,
-`SCENEMINT_MAX_CONNECTIONS` (8192: past it a connection gets 503 at once).
+`SCENEMINT_MAX_CONNECTIONS` (8192: past it a connection gets 503 at once), the head limit
+(64 KiB: 431), `SCENEMINT_SEND_TIMEOUT` and `SCENEMINT_SEND_MIN_RATE` (stalled, trickle).
 """
 
 from __future__ import annotations
@@ -34,7 +45,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import resource
+import socket
 import statistics
 import sys
 import time
@@ -42,7 +55,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
-KINDS = ("slowloris", "idle", "partial")
+KINDS = ("slowloris", "idle", "partial", "bighead", "stalled", "trickle")
+_BIG_LINE = b"X-Filler: " + b"a" * (64 * 1024) + b"\r\n"
 
 
 def say(message: str) -> None:
@@ -72,6 +86,17 @@ def status_of(data: bytes) -> str:
     if len(parts) >= 2 and parts[0].startswith(b"HTTP/"):
         return parts[1].decode("ascii", "replace")
     return "garbage"
+
+
+async def stalled(sock: Any, outcome: Outcome, until: float) -> None:
+    """Read nothing; notice the server's reset (the socket's pending error) when it comes."""
+    while time.monotonic() < until:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            assert outcome.opened is not None
+            outcome.how = "reset"
+            outcome.closed_after = time.monotonic() - outcome.opened
+            return
+        await asyncio.sleep(0.25)
 
 
 async def wait_closed(
@@ -111,7 +136,13 @@ async def one(
     outcomes.append(outcome)
     async with gate:  # at most so many connects at once (the listen backlog is finite)
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+            sock = socket.socket()
+            if kind in ("stalled", "trickle"):  # a small window: the server's buffer fills
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(sock, (host, port)), 30)
+            # a small stream buffer too, for the readers: what they take is what they read
+            reader, writer = await asyncio.open_connection(sock=sock, limit=2048)
         except (OSError, TimeoutError) as exc:
             outcome.how, outcome.error = "connect_failed", type(exc).__name__
             return
@@ -127,6 +158,43 @@ async def one(
                 b'{"fingerp'
             )
             await wait_closed(reader, outcome, until)
+        elif kind == "bighead":
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: hostile\r\n")
+            answered = asyncio.ensure_future(reader.read(65536))
+            try:
+                while time.monotonic() < until and not answered.done():
+                    writer.write(_BIG_LINE)
+                    drained = asyncio.ensure_future(writer.drain())
+                    await asyncio.wait(
+                        {drained, answered},
+                        timeout=max(0.01, until - time.monotonic()),
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not drained.done():
+                        drained.cancel()
+            except (ConnectionResetError, BrokenPipeError):
+                pass
+            if not answered.done():  # the wait ran out: the server kept taking it all
+                answered.cancel()
+                await asyncio.gather(answered, return_exceptions=True)
+                return
+            try:
+                first = answered.result()
+            except (ConnectionResetError, BrokenPipeError):
+                first, outcome.how = b"", "reset"
+            if not first:  # reset, or closed without a word
+                outcome.how = outcome.how if outcome.how == "reset" else "silent"
+                outcome.closed_after = time.monotonic() - outcome.opened
+            else:
+                await wait_closed(reader, outcome, until, first)
+        elif kind in ("stalled", "trickle"):
+            writer.write(f"GET {args.big_path} HTTP/1.1\r\nHost: hostile\r\n\r\n".encode())
+            if kind == "stalled":
+                await stalled(writer.get_extra_info("socket"), outcome, until)
+            else:
+                await trickle(
+                    reader, writer.get_extra_info("socket"), outcome, until, args.trickle_rate
+                )
         else:  # slowloris
             writer.write(b"GET /healthz HTTP/1.1\r\nHost: hostile\r\nX-Slow: ")
             while time.monotonic() < until:
@@ -150,6 +218,38 @@ async def one(
         outcome.closed_after = time.monotonic() - outcome.opened
     finally:
         writer.transport.abort()  # what is left open is ours to drop, without lingering
+
+
+async def trickle(
+    reader: asyncio.StreamReader, sock: Any, outcome: Outcome, until: float, rate: float
+) -> None:
+    """Read `rate` bytes a second until the server ends the connection or `until` passes
+    (a reset is noticed at once, not only when the reader gets to it)."""
+    started = time.monotonic()
+    taken = 0
+    data = b""
+    while time.monotonic() < until:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            outcome.how = "reset"
+            break
+        try:
+            chunk = await reader.read(512)
+        except (ConnectionResetError, BrokenPipeError):
+            outcome.how = "reset"
+            break
+        if not chunk:
+            outcome.how = status_of(data) + "+eof"
+            break
+        if len(data) < 64:
+            data += chunk
+        taken += len(chunk)
+        behind = taken / rate - (time.monotonic() - started)
+        if behind > 0:
+            await asyncio.sleep(behind)
+    else:
+        return
+    assert outcome.opened is not None
+    outcome.closed_after = time.monotonic() - outcome.opened
 
 
 async def probe(host: str, port: int, interval: float, stop: asyncio.Event, result: Probe) -> None:
@@ -206,6 +306,56 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
 
 
+def rss_mib(pid: int) -> float:
+    """Resident memory of `pid` and its children (a `--workers` server), in MiB."""
+    total = 0
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as handle:
+            pids += [int(child) for child in handle.read().split()]
+    except OSError:
+        pass
+    for each in pids:
+        try:
+            with open(f"/proc/{each}/status") as handle:
+                for line in handle:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+async def sample_rss(pid: int, samples: list[float], stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        samples.append(rss_mib(pid))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.2)
+
+
+async def make_image(base: str) -> str:
+    """Check in, generate a task and wait until it is completed: the path of its image."""
+    import httpx
+
+    fingerprint = "hostile-bench-" + os.urandom(4).hex()
+    async with httpx.AsyncClient(base_url=base, timeout=60) as http:
+        await http.post("/api/quota/check-in", json={"fingerprint": fingerprint})
+        answer = await http.post(
+            "/api/images/generate",
+            json={"prompt": "a large image", "size": "16:9", "fingerprint": fingerprint},
+        )
+        task_id = answer.json()["data"]["id"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            task = (await http.get(f"/api/images/tasks/{task_id}")).json()["data"]
+            if task["status"] == "completed":
+                return str(task["image"])
+            if task["status"] == "failed":
+                raise SystemExit(f"the image task failed: {task.get('error')}")
+            await asyncio.sleep(0.2)
+    raise SystemExit("the image task did not complete within 60 s")
+
+
 def raise_open_files_limit() -> int:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else 1_048_576
@@ -219,14 +369,24 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     url = urlsplit(args.url)
     host, port = url.hostname or "127.0.0.1", url.port or 80
     counts = {
-        kind: getattr(args, kind) if getattr(args, kind) is not None else args.count
+        kind: getattr(args, kind)
+        if getattr(args, kind) is not None
+        else (args.count if kind in ("slowloris", "idle", "partial") else 0)
         for kind in KINDS
     }
     total = sum(counts.values())
     limit = raise_open_files_limit()
     if total + 64 > limit:
         raise SystemExit(f"{total} connections need more file descriptors than {limit} (ulimit -n)")
-    say(f"{host}:{port}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items()))
+    if (counts["stalled"] or counts["trickle"]) and not args.big_path:
+        if not args.make_image:
+            raise SystemExit("stalled and trickle need --big-path or --make-image")
+        args.big_path = await make_image(args.url)
+    say(f"{host}:{port}: " + ", ".join(f"{n} {kind}" for kind, n in counts.items() if n))
+    rss: list[float] = []
+    rss_stop = asyncio.Event()
+    sampler = asyncio.create_task(sample_rss(args.pid, rss, rss_stop)) if args.pid else None
+    await asyncio.sleep(0.5 if args.pid else 0)  # the server's memory before the attack
 
     outcomes: list[Outcome] = []
     gate = asyncio.Semaphore(args.connect_concurrency)
@@ -251,6 +411,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     reporter.cancel()
     stop.set()
     await prober
+    if sampler is not None:
+        await asyncio.sleep(2)  # after the attack
+        rss_stop.set()
+        await sampler
     elapsed = time.monotonic() - started
     opened_at = [o.opened for o in outcomes if o.opened is not None]
     report = {
@@ -266,6 +430,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             "max_ms": _round(1000 * max(honest.latencies)) if honest.latencies else None,
         },
     }
+    if rss:
+        report["server_rss_mib"] = {
+            "before": round(rss[0], 1),
+            "peak": round(max(rss), 1),
+            "end": round(rss[-1], 1),
+        }
     return report
 
 
@@ -289,6 +459,12 @@ def print_report(report: dict[str, Any]) -> None:
         f"honest GET /healthz meanwhile: {answers or 'none'} "
         f"(p50 {honest['p50_ms']} ms, max {honest['max_ms']} ms)"
     )
+    if "server_rss_mib" in report:
+        rss = report["server_rss_mib"]
+        print(
+            f"server memory (RSS): {rss['before']} MiB before, {rss['peak']} MiB at the peak,"
+            f" {rss['end']} MiB at the end"
+        )
 
 
 def _fmt(value: float | None) -> str:
@@ -307,6 +483,14 @@ def main() -> int:
     parser.add_argument("--drip", type=float, default=1.0, help="seconds between slowloris bytes")
     parser.add_argument("--connect-concurrency", type=int, default=256, help="connects at once")
     parser.add_argument("--probe-interval", type=float, default=0.5, help="honest client's pace")
+    parser.add_argument("--big-path", default="", help="a large answer for stalled, trickle")
+    parser.add_argument(
+        "--make-image", action="store_true", help="make a task's image for stalled, trickle"
+    )
+    parser.add_argument(
+        "--trickle-rate", type=float, default=1024.0, help="bytes a second a trickle reads"
+    )
+    parser.add_argument("--pid", type=int, default=0, help="the server's pid: sample its RSS")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")
     args = parser.parse_args()
     try:

@@ -218,6 +218,18 @@ class Settings(BaseSettings):
         validation_alias=_env("SCENEMINT_KEEP_ALIVE_TIMEOUT"),
         description="an idle keep-alive connection is closed after this many seconds",
     )
+    send_timeout: float = Field(
+        60.0,
+        gt=0,
+        validation_alias=_env("SCENEMINT_SEND_TIMEOUT"),
+        description="a client that takes nothing we write for this long is cut off",
+    )
+    send_min_rate: int = Field(
+        4096,
+        ge=1,
+        validation_alias=_env("SCENEMINT_SEND_MIN_RATE"),
+        description="bytes per second a client must read while our write buffer is full",
+    )
     max_connections: int = Field(
         8192,
         ge=1,

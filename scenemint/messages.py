@@ -91,6 +91,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
     ),
     "json_too_deep": ("The JSON body is nested too deeply.", "JSON 请求体嵌套层数过多。"),
     "path_too_long": ("The request path is too long.", "请求路径过长。"),
+    "headers_too_large": (
+        "The request headers are too large (at most 64 KiB).",
+        "请求头过大（最多 64 KiB）。",
+    ),
     "request_timeout": (
         "The request did not arrive in time.",
         "请求未能及时到达。",

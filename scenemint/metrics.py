@@ -103,6 +103,13 @@ class Metrics:
             ["worker"],
             registry=r,
         )
+        self.connections_closed = Counter(
+            "scenemint_connections_closed",
+            "Client connections the server closed or refused, by reason (head_timeout, idle,"
+            " body_rate, send_timeout, head_too_large, url_too_long, too_many)",
+            ["reason"],
+            registry=r,
+        )
         self.open_streams = Gauge(
             "scenemint_open_streams", "Responses streaming right now", ["kind"], registry=r
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import select
 import socket
@@ -471,3 +472,193 @@ def test_a_client_waiting_for_100_continue_is_not_timed_out(tmp_path, protocol):
         sock.sendall(b"hello")
         status, _, body = read_response(sock)
     assert status == 200 and body == b"5"
+
+
+# -- the size of a request head -------------------------------------------------------------
+
+
+def assert_refused(raw: bytes, status: int, code: str) -> None:
+    got, headers, body = status_and_body(raw)
+    assert got == status, raw[:300]
+    assert headers["connection"] == "close"
+    assert headers["cache-control"] == "no-store"
+    envelope = json.loads(body)
+    assert envelope["code"] == -1 and envelope["error"] == code, envelope
+
+
+def refused_after(sock: socket.socket, head: bytes) -> bytes:
+    """Send `head` (which never ends), stop, and read the answer until the server closes."""
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        sock.sendall(head)
+    return read_until_closed(sock, 5)[1]
+
+
+@both_protocols
+def test_a_head_of_many_header_lines_is_answered_431_past_64_kib(guarded):
+    """The header deadline limits time, not bytes: a head past 64 KiB is refused at once,
+    long before the deadline (what endless lines do to memory: bench/hostile_clients.py)."""
+    line = b"X-Filler: " + b"a" * 8000 + b"\r\n"
+    with contextlib.closing(connect(guarded)) as sock:
+        started = time.monotonic()
+        answer = refused_after(sock, b"GET /healthz HTTP/1.1\r\nHost: test\r\n" + line * 16)
+        assert time.monotonic() - started < HEADER_TIMEOUT
+    assert_refused(answer, 431, "headers_too_large")
+
+
+@both_protocols
+def test_one_endless_header_line_is_answered_431(guarded):
+    """A line never ends, so it is never parsed: its raw bytes count (at most twice the
+    limit, which also allows for requests pipelined in the same read)."""
+    with contextlib.closing(connect(guarded)) as sock:
+        answer = refused_after(
+            sock, b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Endless: " + b"b" * 200 * 1024
+        )
+    assert_refused(answer, 431, "headers_too_large")
+
+
+@both_protocols
+def test_a_url_past_8_kib_is_answered_414(guarded):
+    with contextlib.closing(connect(guarded)) as sock:
+        answer = refused_after(sock, b"GET /" + b"a" * 70_000)
+    assert_refused(answer, 414, "path_too_long")
+
+
+@both_protocols
+def test_a_large_head_under_the_limit_is_served(guarded):
+    cookies = "".join(f"Cookie: c{i}={'v' * 4000}\r\n" for i in range(14))  # ~56 KiB
+    with contextlib.closing(connect(guarded)) as sock:
+        sock.sendall(f"GET /healthz HTTP/1.1\r\nHost: test\r\n{cookies}\r\n".encode())
+        assert read_response(sock)[0] == 200
+
+
+def test_refused_heads_are_counted(guarded):
+    with contextlib.closing(connect(guarded)) as sock:
+        refused_after(sock, b"GET /healthz HTTP/1.1\r\n" + (b"X-A: " + b"a" * 9000 + b"\r\n") * 9)
+    metrics = guarded.http.get("/metrics").text
+    assert 'scenemint_connections_closed_total{reason="head_too_large"}' in metrics
+
+
+# -- writing: a client that does not read -------------------------------------------------------
+
+SEND_TIMEOUT = 1.0
+SEND_MIN_RATE = 256 * 1024  # bytes per second
+
+
+def random_png(width: int, height: int) -> bytes:
+    """A valid PNG of random (incompressible) pixels, quickly."""
+    import os
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(tag + payload) & 0xFFFFFFFF
+        return struct.pack(">I", len(payload)) + tag + payload + struct.pack(">I", crc)
+
+    row = width * 3
+    raw = b"".join(b"\x00" + os.urandom(row) for _ in range(height))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw, 0))
+        + chunk(b"IEND", b"")
+    )
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory: pytest.TempPathFactory):
+    """A service with a 24 MiB stored image and a short send deadline (both protocols)."""
+    from tests.fake_upstream import FakeUpstream
+
+    picture = random_png(2900, 2900)
+    with FakeUpstream() as upstream:
+        served = {}
+        for protocol in sorted(PROTOCOLS):
+            settings = make_settings(
+                tmp_path_factory.mktemp(f"send-{protocol}"),
+                upstream,
+                send_timeout=SEND_TIMEOUT,
+                send_min_rate=SEND_MIN_RATE,
+            )
+            served[protocol] = settings
+        with contextlib.ExitStack() as stack:
+            result = {}
+            for protocol, settings in served.items():
+                running = stack.enter_context(running_service(settings, http=PROTOCOLS[protocol]))
+                running.http.post("/api/quota/check-in", json={"fingerprint": FINGERPRINT})
+                task = running.http.post(
+                    "/api/images/generate",
+                    json={"prompt": "big", "size": "1:1", "fingerprint": FINGERPRINT},
+                ).json()["data"]
+                upstream.complete_task(task["id"], image=picture)
+                deadline = time.monotonic() + 30
+                while running.http.get(f"/api/images/tasks/{task['id']}").json()["data"][
+                    "status"
+                ] not in ("completed", "failed"):
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                result[protocol] = (running, f"/api/images/tasks/{task['id']}/image")
+            yield result, len(picture)
+
+
+def small_buffer_connection(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def read_paced(sock: socket.socket, *, rate: float | None, limit: float) -> tuple[int, bool]:
+    """Read at about `rate` bytes a second (None: as fast as it comes) until the server ends
+    the connection or `limit` passes: (bytes read, whether the server ended it)."""
+    received = 0
+    started = time.monotonic()
+    sock.settimeout(limit)
+    while time.monotonic() - started < limit:
+        try:
+            chunk = sock.recv(4096)
+        except ConnectionResetError:
+            return received, True
+        if not chunk:
+            return received, True
+        received += len(chunk)
+        if rate is not None:
+            behind = received / rate - (time.monotonic() - started)
+            if behind > 0:
+                time.sleep(behind)
+    return received, False
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_a_client_that_stops_reading_an_image_is_cut_off(big_image, protocol):
+    served, size = big_image
+    running, path = served[protocol]
+    with contextlib.closing(small_buffer_connection(running.port)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        time.sleep(SEND_TIMEOUT + 2.0)  # not reading: the server's buffer stays full
+        received, ended = read_paced(sock, rate=None, limit=10)
+    assert ended and received < size, (received, size)
+    metrics = running.http.get("/metrics").text
+    assert 'scenemint_connections_closed_total{reason="send_timeout"}' in metrics
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_a_client_reading_slower_than_the_minimum_rate_is_cut_off(big_image, protocol):
+    """Progress, not any byte: a client taking a trickle (an eighth of the rate) is cut."""
+    served, size = big_image
+    running, path = served[protocol]
+    with contextlib.closing(small_buffer_connection(running.port)) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\n\r\n".encode())
+        started = time.monotonic()
+        received, ended = read_paced(sock, rate=SEND_MIN_RATE / 8, limit=30)
+    assert ended and received < size, (received, size)
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.parametrize("protocol", sorted(PROTOCOLS))
+def test_a_client_reading_faster_than_the_minimum_rate_gets_the_whole_image(big_image, protocol):
+    served, size = big_image
+    running, path = served[protocol]
+    answer = running.http.get(path)
+    assert answer.status_code == 200 and len(answer.content) == size

@@ -28,6 +28,7 @@ from .envelope import install_error_handlers
 from .fastpath import TaskPollFastPath
 from .middleware import RequestLogMiddleware
 from .routes import router
+from .server import CLOSED_COUNTER
 
 log = logging.getLogger("scenemint")
 
@@ -55,7 +56,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
     base_settings = settings or Settings()
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with AsyncExitStack() as stack:
             settings = base_settings
             if demo:
@@ -96,7 +97,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
             app.state.copier = copies
             app.state.runner = jobs
             app.state.sweeper = sweeper
-            yield
+            # the lifespan state reaches every connection of the server (web/server.py)
+            yield {CLOSED_COUNTER: metrics.connections_closed}
 
     metrics = Metrics()
 

@@ -18,6 +18,17 @@ classes here are uvicorn's own (httptools, and h11 as a fallback) with those dea
   too slow gets `408` and is closed. Time in which *we* do not read (uvicorn paused
   reading because the app has not taken the body yet, or the client waits for our
   `100 Continue`) never counts against it.
+- **request head size**: a head may hold at most `MAX_HEAD_BYTES` (64 KiB, nginx's default
+  is four 8 KiB buffers) and its request line a URL of at most `MAX_URL_BYTES` (8 KiB);
+  past either the client gets `431` (or `414`) at once and the connection is closed: the
+  header deadline limits time, this limits bytes.
+- **writing**: a response the client does not take fast enough is cut. While our write
+  buffer is full (the client is not reading), the client spends an allowance of
+  `SCENEMINT_SEND_TIMEOUT` seconds; every byte it takes earns `1/SCENEMINT_SEND_MIN_RATE`
+  seconds back, never more than the whole allowance. No progress for the send timeout, or
+  progress slower than the rate for long enough, aborts the connection (nginx's
+  `send_timeout` with a rate, so a client reading a few bytes a second cannot hold a file,
+  an S3 stream and a slot for ever).
 - **keep-alive**: uvicorn's own `timeout_keep_alive`, set to `SCENEMINT_KEEP_ALIVE_TIMEOUT`.
 - **connections**: past `SCENEMINT_MAX_CONNECTIONS` open connections of this process, a
   new connection gets `503` with the envelope `too_many_connections` and `Retry-After: 1`
@@ -26,6 +37,16 @@ classes here are uvicorn's own (httptools, and h11 as a fallback) with those dea
 
 Every place that starts the server builds its options here (`uvicorn_config`,
 `uvicorn_options`): `scenemint serve` with one process or several, and the tests.
+
+Closed connections are counted by reason in `scenemint_connections_closed_total`: the app
+puts its counter in the lifespan state (`CLOSED_COUNTER`), which uvicorn hands to every
+protocol instance.
+
+This layer subclasses uvicorn's protocol classes and uses attributes of theirs that are not
+public API (`cycle`, `flow`, `server_state`, `connections`, `url`, `headers`, the parser
+callbacks). uvicorn is pinned to the versions it was tested with (`pyproject.toml`), and
+`tests/test_server_contract.py` fails loudly, naming what is missing, on a uvicorn whose
+internals moved.
 """
 
 from __future__ import annotations
@@ -37,6 +58,8 @@ import functools
 import json
 import logging
 import os
+import socket
+import struct
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -58,8 +81,22 @@ log = logging.getLogger("scenemint.connections")
 REFUSED_LINGER_SECONDS = 2.0
 #: the most a refused connection may send during its linger before it is cut off
 REFUSED_LINGER_BYTES = 64 * 1024
+#: the most a refused head's connection may send after its answer before it is cut off
+REFUSED_HEAD_LINGER_BYTES = 1024 * 1024
 #: how often a tally of closed or refused connections is logged, at most
 TALLY_INTERVAL_SECONDS = 10.0
+#: the most bytes a request head may have (request line and headers); past it, 431
+MAX_HEAD_BYTES = 64 * 1024
+#: the most bytes of a request line's URL; past it, 414
+MAX_URL_BYTES = 8 * 1024
+# struct tcp_info (linux/tcp.h): u64 tcpi_bytes_acked after 8 u8, 24 u32 and 2 u64 fields
+_TCP_INFO_SIZE = 256
+_BYTES_ACKED = struct.Struct("=Q")
+_BYTES_ACKED_AT = 120
+_BYTES_ACKED_END = _BYTES_ACKED_AT + _BYTES_ACKED.size
+#: the key under which the app puts its `scenemint_connections_closed` counter in the
+#: lifespan state (uvicorn gives that state to every protocol instance)
+CLOSED_COUNTER = "scenemint.connections_closed"
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +107,10 @@ class ConnectionLimits:
     body_min_rate: int = 1024
     keep_alive_timeout: float = 5.0
     max_connections: int = 8192
+    send_timeout: float = 60.0
+    send_min_rate: int = 4096
+    max_head_bytes: int = MAX_HEAD_BYTES
+    max_url_bytes: int = MAX_URL_BYTES
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConnectionLimits:
@@ -78,6 +119,8 @@ class ConnectionLimits:
             body_min_rate=settings.body_min_rate,
             keep_alive_timeout=settings.keep_alive_timeout,
             max_connections=settings.max_connections,
+            send_timeout=settings.send_timeout,
+            send_min_rate=settings.send_min_rate,
         )
 
 
@@ -105,6 +148,9 @@ def uvicorn_options(settings: Settings, **extra: Any) -> dict[str, Any]:
         # uvicorn annotates it as int; it only ever hands it to loop.call_later
         "timeout_keep_alive": settings.keep_alive_timeout,
         "timeout_graceful_shutdown": 10,
+        # h11 (the fallback protocol) refuses a head past this with a 400 of its own: ours
+        # (431 at MAX_HEAD_BYTES) comes first, whatever one read brings
+        "h11_max_incomplete_event_size": MAX_HEAD_BYTES + 256 * 1024,
     }
     options.update(extra)
     return options
@@ -178,6 +224,8 @@ def _response(
 
 _TOO_MANY_BODY = _envelope("too_many_connections", "The server is busy. Please try again shortly.")
 _TIMEOUT_FALLBACK = "The request did not arrive in time."
+_HEAD_TOO_LARGE = (b"431 Request Header Fields Too Large", "headers_too_large")
+_URL_TOO_LONG = (b"414 URI Too Long", "path_too_long")
 
 
 def _header_value(headers: list[tuple[bytes, bytes]] | None, name: bytes) -> str | None:
@@ -234,14 +282,17 @@ class _RefusedConnection(asyncio.Protocol):
     """A connection past the cap, after its 503: read and discard what the client sends
     (its request), close at its end of file, after the linger, or when it sends too much."""
 
-    def __init__(self, transport: asyncio.Transport, linger: float) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, linger: float, limit: int = REFUSED_LINGER_BYTES
+    ) -> None:
         self.transport = transport
         self.received = 0
+        self.limit = limit
         self.timer = asyncio.get_running_loop().call_later(linger, transport.close)
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
-        if self.received > REFUSED_LINGER_BYTES:
+        if self.received > self.limit:
             self.transport.close()
 
     def eof_received(self) -> bool:
@@ -272,11 +323,17 @@ class _Deadlines:
         "_body_timer",
         "_body_waited",
         "_grace",
+        "_head_bytes",
         "_header_timeout",
         "_header_timer",
         "_limits",
         "_phase",
+        "_refused",
         "_seconds_per_byte",
+        "_send_allowance",
+        "_send_paused_at",
+        "_send_paused_size",
+        "_send_timer",
         "_tally",
     )
 
@@ -288,6 +345,7 @@ class _Deadlines:
     headers: list[tuple[bytes, bytes]]
     server_state: ServerState
     connections: set[Any]
+    app_state: dict[str, Any]
 
     _limits: ConnectionLimits
     _tally: _Tally
@@ -299,6 +357,12 @@ class _Deadlines:
     _body_timer: asyncio.TimerHandle | None
     _body_deadline: float
     _body_waited: bool  # the last look found us the slow ones
+    _head_bytes: int  # bytes of a head not yet complete
+    _refused: tuple[bytes, str] | None  # a head past a limit: answered, nothing more parsed
+    _send_allowance: float  # seconds the client may still take to read what we wrote
+    _send_paused_at: float  # loop time writing paused (or the last look since); 0: not paused
+    _send_paused_size: int  # `_sent_so_far()` then
+    _send_timer: asyncio.TimerHandle | None
 
     def _init_deadlines(self, config: uvicorn.Config) -> None:
         limits = limits_of(config)
@@ -312,6 +376,18 @@ class _Deadlines:
         self._body_timer = None
         self._body_deadline = 0.0
         self._body_waited = False
+        self._head_bytes = 0
+        self._refused = None
+        self._send_allowance = limits.send_timeout
+        self._send_paused_at = 0.0
+        self._send_paused_size = 0
+        self._send_timer = None
+
+    def _closed(self, reason: str) -> None:
+        """Count a connection this layer closed (`scenemint_connections_closed_total`)."""
+        counter = self.app_state.get(CLOSED_COUNTER)
+        if counter is not None:
+            counter.labels(reason).inc()
 
     # -- the cap ---------------------------------------------------------------------
 
@@ -340,7 +416,129 @@ class _Deadlines:
             "(SCENEMINT_MAX_CONNECTIONS)",
             limit,
         )
+        self._closed("too_many")
         return True
+
+    # -- the size of a head ------------------------------------------------------------
+
+    def _head_grew(self, size: int) -> None:
+        """`size` more bytes of a head that is not complete yet: past the limit, refuse."""
+        self._head_bytes += size
+        if self._head_bytes > self._limits.max_head_bytes and self._refused is None:
+            self._refused = _HEAD_TOO_LARGE
+
+    def _answer_refused_head(self) -> None:
+        """Answer a head past a limit (431 or 414) and close: nothing of it reaches the app,
+        and the connection reads and throws away what the client still sends, briefly, so
+        that the close does not turn into a reset that loses the answer."""
+        assert self._refused is not None
+        status, code = self._refused
+        transport = self.transport
+        self._cancel_deadlines()
+        self.connections.discard(self)
+        self._closed("head_too_large" if code == "headers_too_large" else "url_too_long")
+        self._tally.note(
+            code,
+            logging.WARNING,
+            "refused %d request(s) with %s (a head is at most %d bytes, a URL %d)",
+            status.decode(),
+            self._limits.max_head_bytes,
+            self._limits.max_url_bytes,
+        )
+        if transport.is_closing():
+            return
+        body = _envelope(code, "The request head is too large.")
+        transport.write(_response(status, body, self.server_state.default_headers))
+        if transport.can_write_eof():
+            transport.write_eof()
+        # the rest of a large head (cookies, say) may still be on its way: read it away
+        # (thrown away, never kept) so that an honest client gets its answer
+        transport.set_protocol(
+            _RefusedConnection(
+                transport,
+                min(REFUSED_LINGER_SECONDS, self._header_timeout),
+                limit=REFUSED_HEAD_LINGER_BYTES,
+            )
+        )
+
+    # -- writing -----------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        """The transport's buffer is full: the client is not taking what we write. It
+        spends its allowance from now (see the module docstring)."""
+        self.flow.pause_writing()
+        if self._send_paused_at == 0.0:
+            self._send_paused_at = self.loop.time()
+            self._send_paused_size = self._sent_so_far()
+            self._send_timer = self.loop.call_later(
+                max(self._send_allowance, 0.0), self._send_look
+            )
+
+    def resume_writing(self) -> None:
+        self._send_account()
+        self._send_paused_at = 0.0
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self.flow.resume_writing()
+
+    def _sent_so_far(self) -> int:
+        """A count that grows by the bytes the client takes: what its TCP acknowledged
+        (Linux's `tcpi_bytes_acked`: the truth, whatever sits in our buffer, uvloop's or
+        the kernel's), else minus our buffer's size (a drop in it is progress)."""
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            try:
+                info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_SIZE)
+            except (OSError, AttributeError):
+                pass
+            else:
+                if len(info) >= _BYTES_ACKED_END:
+                    acked: int = _BYTES_ACKED.unpack_from(info, _BYTES_ACKED_AT)[0]
+                    return acked
+        return -self.transport.get_write_buffer_size()
+
+    def _send_account(self) -> None:
+        """Charge the time paused since the last look, credit the bytes the client took."""
+        if self._send_paused_at == 0.0:
+            return
+        now = self.loop.time()
+        size = self._sent_so_far()
+        taken = max(0, size - self._send_paused_size)
+        allowance = (
+            self._send_allowance
+            - (now - self._send_paused_at)
+            + taken / self._limits.send_min_rate
+        )
+        self._send_allowance = min(allowance, self._limits.send_timeout)
+        self._send_paused_at = now
+        self._send_paused_size = size
+
+    def _send_look(self) -> None:
+        self._send_timer = None
+        if self._send_paused_at == 0.0 or self.transport.is_closing():
+            return
+        self._send_account()
+        if self._send_allowance > 0:
+            self._send_timer = self.loop.call_later(self._send_allowance, self._send_look)
+            return
+        self._tally.note(
+            "send",
+            logging.INFO,
+            "cut %d connection(s) that read a response slower than %d bytes/s for %.3g s "
+            "(SCENEMINT_SEND_MIN_RATE, SCENEMINT_SEND_TIMEOUT)",
+            self._limits.send_min_rate,
+            self._limits.send_timeout,
+        )
+        self._closed("send_timeout")
+        # abort, not close: a close waits for our buffer to drain, which this client never
+        # lets it do; and a reset (SO_LINGER 0), not a FIN behind the bytes the kernel still
+        # queues for it, so that the kernel's memory goes too. The app sees a disconnect.
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
 
     # -- timers ----------------------------------------------------------------------
 
@@ -367,6 +565,9 @@ class _Deadlines:
     def _cancel_deadlines(self) -> None:
         self._cancel_header_timer()
         self._cancel_body_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
 
     def _credit_body(self, size: int) -> None:
         """`size` bytes of body arrived: the client earns time, at most the grace ahead."""
@@ -405,9 +606,11 @@ class _Deadlines:
                 "(SCENEMINT_HEADER_TIMEOUT)",
                 self._header_timeout,
             )
+            self._closed("head_timeout")
             if cycle is None or cycle.response_complete:  # not in the middle of an answer
                 self.transport.write(self._timeout_response())
         else:
+            self._closed("idle")
             self._tally.note(
                 "idle",
                 logging.INFO,
@@ -443,6 +646,7 @@ class _Deadlines:
                 "(SCENEMINT_BODY_MIN_RATE)",
                 self._limits.body_min_rate,
             )
+            self._closed("body_rate")
             if cycle is not None and not cycle.response_started:
                 # the app sees a disconnect and can no longer answer; the client sees 408
                 cycle.disconnected = True
@@ -461,10 +665,20 @@ class _Deadlines:
 
 
 class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
-    """uvicorn's httptools protocol with deadlines and a connection cap.
+    """uvicorn's httptools protocol with deadlines, head limits and a connection cap.
+
+    The size of a head is counted twice: exactly, from the parsed URL and header lines
+    (`_head_bytes`, limit `MAX_HEAD_BYTES`), and from the raw reads of a head that is not
+    complete yet (`_head_raw`, at most twice the limit: it may also count requests
+    pipelined in the same read) — an endless header line is never parsed, but its bytes
+    are held by the parser all the same.
 
     The per-request callbacks call uvicorn's directly, not through `super()`: they run
     for every request, and the poll is most requests."""
+
+    __slots__ = ("_body_read", "_head_raw")
+    _body_read: int  # body bytes the current read delivered
+    _head_raw: int  # bytes of the reads of a head not yet complete
 
     def __init__(
         self,
@@ -475,6 +689,8 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     ) -> None:
         super().__init__(config, server_state, app_state, _loop)
         self._init_deadlines(config)
+        self._body_read = 0
+        self._head_raw = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self._refuse_if_full(transport):
@@ -487,11 +703,26 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        began = self._phase != _HEAD
+        self._body_read = 0
         HttpToolsProtocol.data_received(self, data)
+        if self._refused is not None:
+            self._answer_refused_head()
+            return
         # `_after_read`, inlined for the common cases: a read that ends between requests
         # (the whole head of a poll came in one read) arms nothing
         phase = self._phase
-        if phase == _IDLE:
+        if phase == _HEAD:
+            # a head still not complete: the parser holds its bytes (a header line is kept
+            # whole until it ends). The read that began it may hold a body's end too: its
+            # body bytes do not count
+            self._head_raw += len(data) - (self._body_read if began else 0)
+            if self._head_raw > 2 * self._limits.max_head_bytes and self._refused is None:
+                self._refused = _HEAD_TOO_LARGE
+            if self._refused is not None:
+                self._answer_refused_head()
+                return
+        elif phase == _IDLE:
             if self._header_timer is None:
                 cycle = self.cycle
                 if cycle is None or not cycle.response_complete:
@@ -508,9 +739,24 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
     # parser callbacks
     def on_message_begin(self) -> None:
         self._phase = _HEAD
+        self._head_bytes = 0
+        self._head_raw = 0
         HttpToolsProtocol.on_message_begin(self)
 
+    def on_url(self, url: bytes) -> None:
+        HttpToolsProtocol.on_url(self, url)
+        if len(self.url) > self._limits.max_url_bytes and self._refused is None:
+            self._refused = _URL_TOO_LONG
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._refused is not None:
+            return  # refused: nothing more is kept
+        self._head_grew(len(name) + len(value) + 4)  # "name: value\r\n"
+        HttpToolsProtocol.on_header(self, name, value)
+
     def on_headers_complete(self) -> None:
+        if self._refused is not None:
+            return  # answered by data_received: no request for the app
         self._phase = _BODY
         self._body_deadline = 0.0
         self._body_waited = False
@@ -525,10 +771,15 @@ class GuardedHttpToolsProtocol(_Deadlines, HttpToolsProtocol):
             cycle.send = functools.partial(_send, self, cycle, cycle.send)
 
     def on_body(self, body: bytes) -> None:
+        if self._refused is not None:
+            return
+        self._body_read += len(body)
         self._credit_body(len(body))
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._refused is not None:
+            return
         self._phase = _IDLE
         if self._body_timer is not None:
             self._cancel_body_timer()
@@ -630,6 +881,22 @@ class GuardedH11Protocol(_Deadlines, H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._phase != _GONE and self.conn.their_state is h11.IDLE:
+            buffered = self.conn.trailing_data[0]
+            if len(buffered) + len(data) > self._limits.max_head_bytes:
+                # rare (a head this large is odd): find where the head ends, if it does
+                head = bytes(buffered) + data
+                end = head.find(b"\r\n\r\n", 0, self._limits.max_head_bytes + 4)
+                if end < 0:
+                    first_line = head.split(b"\r\n", 1)[0]
+                    too_long = b"\r\n" not in head[: self._limits.max_url_bytes + 64]
+                    self._refused = (
+                        _URL_TOO_LONG
+                        if too_long and len(first_line) > self._limits.max_url_bytes
+                        else _HEAD_TOO_LARGE
+                    )
+                    self._answer_refused_head()
+                    return
         super().data_received(data)
         if self._phase == _GONE:
             return
