@@ -470,9 +470,7 @@ class _Deadlines:
         if self._send_paused_at == 0.0:
             self._send_paused_at = self.loop.time()
             self._send_paused_size = self._sent_so_far()
-            self._send_timer = self.loop.call_later(
-                max(self._send_allowance, 0.0), self._send_look
-            )
+            self._send_timer = self.loop.call_later(max(self._send_allowance, 0.0), self._send_look)
 
     def resume_writing(self) -> None:
         self._send_account()
@@ -506,9 +504,7 @@ class _Deadlines:
         size = self._sent_so_far()
         taken = max(0, size - self._send_paused_size)
         allowance = (
-            self._send_allowance
-            - (now - self._send_paused_at)
-            + taken / self._limits.send_min_rate
+            self._send_allowance - (now - self._send_paused_at) + taken / self._limits.send_min_rate
         )
         self._send_allowance = min(allowance, self._limits.send_timeout)
         self._send_paused_at = now
