@@ -850,7 +850,7 @@ class ImageService:
             deadline=deadline,
             chinese=chinese,
             shutting_down=self.shutting_down,
-            redactor=upstream.http,
+            redactor=upstream.http.secrets,
         )
 
     # -- operations ---------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -239,6 +240,68 @@ def test_a_key_spelled_out_across_chunks_of_any_delta_text_is_redacted(tmp_path,
         answer = service.http.post(ENHANCE, json={"prompt": "a fox", "direction": "creative"})
     assert answer.status_code == 200, answer.text
     assert streamed_text(answer.text, field) == "the key is [redacted]!"
+
+
+def raw_chunk(choice: dict) -> bytes:
+    frame = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": [choice]}
+    return b"data: " + json.dumps(frame).encode() + b"\n\n"
+
+
+def tool_call(arguments: str) -> dict:
+    call = {"index": 0, "function": {"arguments": arguments}}
+    return {"index": 0, "delta": {"tool_calls": [call]}}
+
+
+@pytest.mark.parametrize(
+    ("pieces", "read"),
+    [
+        pytest.param(  # a tool call's arguments, cut anywhere
+            [tool_call('{"q": "the key is sk-li'), tool_call('ve-0123456789"}')],
+            lambda c: c["delta"]["tool_calls"][0]["function"]["arguments"],
+            id="tool-call-arguments",
+        ),
+        pytest.param(  # a completions-style choice: `text`, no delta at all
+            [{"index": 0, "text": "the key is sk-"}, {"index": 0, "text": "live-0123456789"}],
+            lambda c: c["text"],
+            id="choice-text",
+        ),
+        pytest.param(  # a field nobody has heard of, nested
+            [
+                {"index": 0, "delta": {"x": {"note": ["sk-live-01"]}}},
+                {"index": 0, "delta": {"x": {"note": ["23456789"]}}},
+            ],
+            lambda c: c["delta"]["x"]["note"][0],
+            id="unknown-nested-field",
+        ),
+        pytest.param(  # a chunk of something else between the two halves
+            [
+                {"index": 0, "delta": {"content": "key: sk-live"}},
+                {"index": 0, "delta": {"refusal": "no"}},
+                {"index": 0, "delta": {"content": "-0123456789."}},
+            ],
+            lambda c: c["delta"].get("content", ""),
+            id="gap-between-halves",
+        ),
+    ],
+)
+def test_a_key_cut_across_chunks_in_any_field_is_redacted(tmp_path, upstream, pieces, read):
+    """Whatever string of a chunk carries it (not only the text fields of `delta`), a key
+    cut across chunks never reaches the reader: each place is redacted as one text."""
+    key = "sk-live-0123456789"
+    upstream.api_key = key
+    upstream.chat_raw = [raw_chunk(piece) for piece in pieces] + [DONE]
+    with running_service(make_settings(tmp_path, upstream)) as service:
+        answer = service.http.post(ENHANCE, json={"prompt": "a fox", "direction": "creative"})
+    assert answer.status_code == 200, answer.text
+    assert answer.text.endswith("data: [DONE]\n\n")
+    read_back = ""
+    for frame in answer.text.split("\n\n"):
+        if frame.startswith("data: {"):
+            for choice in json.loads(frame[len("data: ") :])["choices"]:
+                with contextlib.suppress(KeyError, IndexError, TypeError):
+                    read_back += read(choice)
+    assert key not in read_back and "[redacted]" in read_back, read_back
+    assert key.lower() not in answer.text.lower()
 
 
 def test_a_stream_holding_back_text_for_too_many_choices_ends_with_an_error(tmp_path, upstream):

@@ -66,6 +66,7 @@ from tests.fake_upstream import (
     make_png,
 )
 from tests.service_runner import LogCapture, RunningService, running_service
+from tests.stream_places import joined
 
 KEY = DEFAULT_API_KEY
 EXAMPLES = int(os.environ.get("SCENEMINT_FUZZ_EXAMPLES", "80"))
@@ -334,6 +335,29 @@ def chunk_frame(content: Any) -> dict[str, Any]:
     }
 
 
+# where a cut key may sit in a chunk: a reader joins each across chunks (issue 18)
+SPLIT_FIELDS = ("content", "refusal", "tool-arguments", "choice-text", "vendor", "id")
+
+
+def split_frame(field: str, text: str) -> dict[str, Any]:
+    frame = chunk_frame("")
+    choice = frame["choices"][0]
+    if field == "content":
+        choice["delta"]["content"] = text
+    elif field == "refusal":
+        choice["delta"] = {"refusal": text}
+    elif field == "tool-arguments":
+        choice["delta"] = {"tool_calls": [{"index": 0, "function": {"arguments": text}}]}
+    elif field == "choice-text":
+        del choice["delta"]
+        choice["text"] = text
+    elif field == "vendor":
+        frame["x-vendor"] = {"notes": [text]}
+    elif field == "id":
+        frame["id"] = text
+    return frame
+
+
 @dataclass(frozen=True)
 class Event:
     """One thing in an SSE stream (see `sse_events` for the kinds)."""
@@ -373,11 +397,12 @@ class Event:
             text = dump(chunk_frame(value), ctx)
             cut = text.index('"choices"')
             return [f"data: {text[:cut]}", f"data: {text[cut:]}", ""]
-        if kind == "key-split":
+        if kind == "key-split":  # the key cut in two, in any string field of a chunk
+            at, field = value
             return [
-                f"data: {dump(chunk_frame(KEY[:value]), ctx)}",
+                f"data: {dump(split_frame(field, KEY[:at]), ctx)}",
                 "",
-                f"data: {dump(chunk_frame(KEY[value:]), ctx)}",
+                f"data: {dump(split_frame(field, KEY[at:]), ctx)}",
                 "",
             ]
         if kind == "deep":
@@ -875,7 +900,9 @@ def sse_events(draw: Any) -> Event:
     if kind == "huge":
         return Event(kind, draw(st.sampled_from([10_000, 200_000, 262_100, 300_000])))
     if kind == "key-split":
-        return Event(kind, draw(st.integers(1, len(KEY) - 1)))
+        return Event(
+            kind, (draw(st.integers(1, len(KEY) - 1)), draw(st.sampled_from(SPLIT_FIELDS)))
+        )
     if kind == "deep":
         return Event(kind, draw(st.sampled_from([50, 900, 990, 1000, 100_000])))
     return Event(kind)
@@ -1130,7 +1157,7 @@ def check_stream(result: Result) -> None:
     frames = body.split(b"\n\n")
     assert frames.pop() == b""
     assert frames.pop() == b"data: [DONE]"
-    content = []
+    readable = []  # every frame a reader takes in, to join each place's strings across them
     for index, frame_ in enumerate(frames):
         if frame_ == b": ping":
             continue
@@ -1142,11 +1169,9 @@ def check_stream(result: Result) -> None:
             assert isinstance(data["error"].get("message"), str)
             continue
         assert isinstance(data.get("choices"), list), frame_
-        for choice in data["choices"]:
-            delta = choice.get("delta") if isinstance(choice, dict) else None
-            if isinstance(delta, dict) and isinstance(delta.get("content"), str):
-                content.append(delta["content"])
-    assert not shows_key("".join(content)), "the key, spelled out across the stream's chunks"
+        readable.append(data)
+    for place, text in joined(readable).items():
+        assert not shows_key(text), f"the key, spelled out across chunks at {place}"
 
 
 def balance(h: Harness, fingerprint: str) -> int:

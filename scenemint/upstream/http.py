@@ -16,7 +16,6 @@ import io
 import json
 import logging
 import random
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -34,6 +33,7 @@ from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..metrics import Metrics
 from ..models import clean_text
 from .breaker import BreakerPolicy, CircuitBreaker
+from .secrets import KeyRedactor
 from .sse import SSEDecoder, SSEError
 
 log = logging.getLogger("scenemint.upstream")
@@ -105,10 +105,7 @@ class UpstreamHTTP:
         self._session = session
         self._key = key
         self._key_bytes = key.encode()
-        self._key_pattern = re.compile(re.escape(key), re.IGNORECASE)
-        # [n]: the key's first n characters, matched as `_key_pattern` matches (IGNORECASE
-        # also takes "ſ" for "s" and the Kelvin sign for "k": str.lower() does not)
-        self._key_starts = [re.compile(re.escape(key[:n]), re.IGNORECASE) for n in range(len(key))]
+        self.secrets = KeyRedactor([key])
         self.origin = origin_of(root)
         self.metrics = metrics or Metrics()
         image_origins = {self.origin} | {origin_of(host) for host in settings.image_hosts}
@@ -509,20 +506,7 @@ class UpstreamHTTP:
     def redact(self, text: str) -> str:
         """`text` without the key: spelled out in any case, or JSON-escaped (`\\/`,
         `\\u0074` ...: an error body is decoded before it is searched)."""
-        return self.hide(_unescaped(text))
-
-    def hide(self, text: str) -> str:
-        """`text` with the key, spelled out in any case, replaced (text we encoded ourselves
-        needs nothing more)."""
-        return self._key_pattern.sub("[redacted]", text)
-
-    def key_start(self, text: str) -> int:
-        """How many characters at the end of `text` could begin the key (in any case): a
-        stream holds them back until its next chunk shows whether the key follows."""
-        for n in range(min(len(text), len(self._key) - 1), 0, -1):
-            if self._key_starts[n].fullmatch(text, len(text) - n):
-                return n
-        return 0
+        return self.secrets.redact(text)
 
     def auth_headers(self) -> dict[str, str]:
         if self.settings.openai_auth == "api-key":  # Azure OpenAI's key header
@@ -542,17 +526,6 @@ class UpstreamHTTP:
             status,
             (time.perf_counter() - started) * 1000,
         )
-
-
-def _unescaped(text: str) -> str:
-    """JSON text with its string escapes resolved (`\\u0074est` -> `test`, `\\/` -> `/`),
-    so that a key the upstream echoed escaped is seen; other text as it is."""
-    if "\\" not in text:
-        return text
-    try:
-        return json.dumps(json.loads(text), ensure_ascii=False)
-    except (ValueError, RecursionError):
-        return text.replace("\\/", "/")
 
 
 def _retry_after(value: str | None) -> float | None:
