@@ -265,6 +265,14 @@ class Settings(BaseSettings):
         validation_alias=_env("SCENEMINT_LEASE_SECONDS"),
         description="term of a lease on a task in flight; its holder renews it at a third",
     )
+    handoff_grace: float = Field(
+        60.0,
+        ge=0,
+        validation_alias=_env("SCENEMINT_HANDOFF_GRACE"),
+        description="a task whose answer never reached its client waits this long (after its"
+        " request ended) for the client to come back with its Idempotency-Key before it is"
+        " refunded",
+    )
     idempotency_ttl: float = Field(
         86400.0,
         gt=0,

@@ -181,6 +181,7 @@ class ImageService:
             resubmit_window=settings.resubmit_window,
             task_max_age=settings.task_max_age,
             fetch_deadline=settings.image_fetch_deadline,
+            handoff_grace=settings.handoff_grace,
         )
         self.images = images or open_image_store(
             settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline

@@ -35,7 +35,9 @@ happened: an answer to a submission is written only by the lease holder (`Guard.
 what a listing says, the age limit and an abandoned row are written only when no live
 lease is held (`Guard.FREE`). The request that charged a row keeps its lease until its
 answer was sent, then writes `Delivered` (`handed_at`); a row whose answer never left and
-whose owner is gone is refunded, whatever the upstream made of it.
+whose owner is gone is refunded, whatever the upstream made of it — once `handoff_grace`
+has passed since its lease ended, in which its client may come back with its
+Idempotency-Key and take the row over.
 """
 
 from __future__ import annotations
@@ -238,6 +240,9 @@ class Limits:
     task_max_age: float  # an unfinished task older than this fails
     fetch_deadline: float = 600.0  # an image not copied this long after the upstream finished
     fetch_backoff_max: float = 60.0  # the longest pause between two copy attempts
+    # an answer that never left waits this long after its request ended (its lease lapsed or
+    # was released) for the client to come back with its Idempotency-Key
+    handoff_grace: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,7 +295,10 @@ def decide(
     if isinstance(observation, Delivered):
         return Decision(state, Guard.OWNER, hand=True)
     if not handed and free and isinstance(observation, Seen | Missing | Abandoned):
-        # its owner is gone and its answer never left: whatever the upstream made of it
+        # its owner is gone and its answer never left: whatever the upstream made of it,
+        # once its client had the grace to come back with its key (and take it over)
+        if now < row.lease_until + limits.handoff_grace:
+            return None
         return fail(ErrorCode.NOT_DELIVERED, Guard.FREE)
     if state is State.FETCHING:
         return _fetching(row, observation, now=now, free=free, limits=limits)

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import io
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -34,6 +35,7 @@ from scenemint.client import (
     stored_fingerprint,
 )
 from tests.conftest import FINGERPRINT, balance, check_in, wait_finished
+from tests.cutting_proxy import CuttingProxy
 from tests.fake_upstream import TINY_PNG, make_png
 from tests.service_runner import free_port
 
@@ -159,6 +161,40 @@ def test_an_answer_lost_to_a_timeout_is_asked_again_with_the_same_key(
     assert {
         r.json["client_task_id"] for r in upstream.recorded("/api/image-tasks/generations")
     } == {task.id}
+    assert balance(service) == 9
+
+
+def test_a_connection_dropped_mid_generate_is_retried_until_the_task_is_taken_over(
+    make_client, service, upstream
+):
+    """The network drops the connection while the server still submits: the server cannot
+    answer (the task is not the client's yet), the client library comes back with its key,
+    is told `idempotency_in_progress` while the first request finishes, and then takes the
+    task over — one task, one credit, never refunded under it (issue 18: the row was
+    refunded within ~50 ms, before any retry could arrive)."""
+    check_in(service)
+    hold = upstream.hold("/api/image-tasks/generations")
+    with CuttingProxy(service.port) as proxy:
+        client = make_client(proxy.url, fingerprint=FINGERPRINT)
+        result: list[Any] = []
+        worker = threading.Thread(target=lambda: result.append(client.generate("a dropped one")))
+        worker.start()
+        assert hold.wait(5)
+        proxy.cut()  # the client's connection is gone; the server is still submitting
+        time.sleep(1.2)  # the client is back (409 in progress) while the upstream is slow;
+        # it is released between two of its retries (they come every second)
+        hold.release()
+        worker.join(30)
+    assert result, "generate did not return"
+    (task,) = result
+    assert task.status != "failed" and task.remaining_credits == 9
+    row = service.run(service.service.store.get_task(task.id))
+    assert row.handed and not row.refunded
+    assert proxy.accepted >= 2  # it did come back on a new connection
+    assert {
+        r.json["client_task_id"] for r in upstream.recorded("/api/image-tasks/generations")
+    } == {task.id}
+    service.run(service.app.state.reconciler.run_once())
     assert balance(service) == 9
 
 

@@ -199,8 +199,9 @@ def fail_the_outcome(running) -> list[int]:
 def test_a_database_failure_after_the_charge_is_503_and_the_credit_comes_back(
     tmp_path, upstream, logs
 ):
-    """Issue 9, defect 7: the client got no task id, so it does not pay (not a 500)."""
-    settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
+    """Issue 9, defect 7: the client got no task id, so it does not pay (not a 500) — once
+    the grace in which it could have come back with its key has passed."""
+    settings = make_settings(tmp_path, upstream, lease_seconds=0.5, handoff_grace=3)
     with running_service(settings) as running:
         check_in(running)
         failed = fail_the_outcome(running)
@@ -210,7 +211,10 @@ def test_a_database_failure_after_the_charge_is_503_and_the_credit_comes_back(
         assert failed  # retried, and failed each time
         del running.service.store.apply  # the database is back
         assert balance(running) == 9  # charged, not yet settled
-        time.sleep(0.6)  # the request's lease lapses
+        time.sleep(0.6)  # the request's lease lapses: its client may still come back
+        running.run(running.app.state.reconciler.run_once())
+        assert balance(running) == 9
+        time.sleep(3)  # ... for the grace
         running.run(running.app.state.reconciler.run_once())
         assert balance(running) == 10
         assert audit(running).refunds == 1
@@ -243,7 +247,7 @@ def test_after_a_database_failure_the_same_key_gets_the_task(tmp_path, upstream,
 def test_a_failure_recording_the_delivery_refunds_the_task(tmp_path, upstream, logs):
     """The answer left, but the database failed when it was to record that: the task may
     not be the client's, so it is refunded (the client keeps its task, in its favour)."""
-    settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
+    settings = make_settings(tmp_path, upstream, lease_seconds=0.5, handoff_grace=0.5)
     with running_service(settings) as running:
         check_in(running)
         store = running.service.store
@@ -263,7 +267,7 @@ def test_a_failure_recording_the_delivery_refunds_the_task(tmp_path, upstream, l
             assert time.monotonic() < deadline, "the delivery write was not given up"
             time.sleep(0.05)
         del store.apply
-        time.sleep(0.6)  # the request's lease lapses
+        time.sleep(1.1)  # the request's lease lapses, and the grace passes
         running.run(running.app.state.reconciler.run_once())
         row = ledger(running, task_id)
         assert row.refunded and not row.handed
@@ -271,8 +275,9 @@ def test_a_failure_recording_the_delivery_refunds_the_task(tmp_path, upstream, l
 
 
 def test_a_client_gone_before_its_answer_does_not_pay(tmp_path, upstream, logs):
-    """Found by the chaos run: the answer was marked handed before it was sent."""
-    settings = make_settings(tmp_path, upstream, lease_seconds=0.5)
+    """Found by the chaos run: the answer was marked handed before it was sent. (A client
+    without a key cannot come back for it: refunded once the grace has passed.)"""
+    settings = make_settings(tmp_path, upstream, lease_seconds=0.5, handoff_grace=0.5)
     with running_service(settings) as running:
         check_in(running)
         upstream.delay(GENERATIONS, 1.0, times=1)
@@ -282,7 +287,7 @@ def test_a_client_gone_before_its_answer_does_not_pay(tmp_path, upstream, logs):
                 json={"prompt": "a red fox", "fingerprint": FINGERPRINT},
                 timeout=httpx.Timeout(10, read=0.3),
             )
-        time.sleep(1.5)  # the submission finishes after the client left
+        time.sleep(2.0)  # the submission finishes after the client left; the grace passes
         running.run(running.app.state.reconciler.run_once())
         (task_id,) = [r.json["client_task_id"] for r in upstream.recorded(GENERATIONS)]
         row = ledger(running, task_id)

@@ -113,11 +113,13 @@ def test_a_task_whose_answer_never_left_is_refunded_after_a_sigkill(
     upstream, tmp_path, upstream_kept_it
 ):
     """Killed between charge and answer: the client never got the task id, so the credit
-    comes back within one lease period plus one round, whatever the upstream made of it."""
+    comes back within one lease period, the grace and one round, whatever the upstream made
+    of it."""
     env = env_for(
         upstream,
         SCENEMINT_DATA_DIR=str(tmp_path / "data"),
         SCENEMINT_LEASE_SECONDS="1",
+        SCENEMINT_HANDOFF_GRACE="1",
         SCENEMINT_RECONCILE_INTERVAL="0.5",
     )
     task_id = kill_during_submission(upstream, tmp_path, env)
@@ -128,7 +130,7 @@ def test_a_task_whose_answer_never_left_is_refunded_after_a_sigkill(
     second = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
     try:
         wait_until(lambda: ledger_rows(tmp_path / "data")[0][2] == 1, what="the refund")
-        assert time.monotonic() - killed_at < 1 + 0.5 + 5  # lease + round + start-up
+        assert time.monotonic() - killed_at < 1 + 1 + 0.5 + 5  # lease + grace + round + start
         assert ledger_rows(tmp_path / "data") == [(task_id, "failed", 1)]
         assert balance(second.url) == 10
         assert len(upstream.recorded(GENERATIONS)) == 1  # never sent again
@@ -173,6 +175,33 @@ def test_a_client_coming_back_with_its_key_gets_the_task_of_a_killed_request(ups
         second.stop()
     checked = audit(env, tmp_path)
     assert checked.returncode == 0 and "charged 1, refunded 0" in checked.stdout
+
+
+def test_the_python_client_retries_through_a_killed_requests_lease(upstream, tmp_path):
+    """The client library's own retry path after a crash: `409 idempotency_in_progress` for
+    the whole lease of the dead request (8 s here, 30 s by default) is waited out, as the
+    server's Retry-After says, within the client's own budget: then it gets its task (it
+    gave up after five quick attempts before)."""
+    from scenemint.client import Client
+
+    env = env_for(
+        upstream,
+        SCENEMINT_DATA_DIR=str(tmp_path / "data"),
+        SCENEMINT_LEASE_SECONDS="8",
+        SCENEMINT_RECONCILE_INTERVAL="3600",
+    )
+    task_id = kill_during_submission(upstream, tmp_path, env, key="client-key-1")
+    upstream.release()
+    second = ServiceProcess(env, cwd=str(tmp_path)).wait_ready()
+    try:
+        with Client(second.url, fingerprint=FP) as client:
+            started = time.monotonic()
+            task = client.generate("a boat", idempotency_key="client-key-1")
+            assert time.monotonic() - started > 3  # it did wait for the lease
+        assert task.id == task_id and task.status != "failed"
+        assert balance(second.url) == 9
+    finally:
+        second.stop()
 
 
 def test_a_task_answered_before_a_sigkill_is_settled_after_restart(upstream, tmp_path):

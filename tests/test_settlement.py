@@ -157,6 +157,18 @@ def test_an_answer_that_never_left_is_refunded_whatever_the_upstream_says():
     assert isinstance(step, Decision) and step.error_code is ErrorCode.NOT_DELIVERED
 
 
+def test_an_answer_that_never_left_waits_the_grace_for_its_client_then_is_refunded():
+    """Its client may come back with its key and take it over: nobody refunds it before the
+    grace has passed since its request ended (its lease), whatever the upstream says."""
+    limits = Limits(resubmit_window=600, task_max_age=1800, handoff_grace=60)
+    ended = NOW - 59
+    row = Row(state="submitting", handed_at=None, lease_until=ended)
+    for observation in (Seen(upstream("completed")), Missing(), Abandoned()):
+        assert decide(row, observation, now=NOW, limits=limits) is None
+        later = decide(row, observation, now=ended + 60, limits=limits)
+        assert isinstance(later, Decision) and later.error_code is ErrorCode.NOT_DELIVERED
+
+
 def test_a_live_lease_keeps_everyone_but_its_owner_out():
     row = Row(state="submitting", handed_at=None, lease_until=NOW + 5)
     for observation in (Seen(upstream("failed")), Missing(), Abandoned()):

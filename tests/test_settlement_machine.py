@@ -53,6 +53,7 @@ from tests.conftest import POSTGRES_URL, SKIP_POSTGRES, make_settings
 from tests.fake_upstream import TINY_PNG
 
 LEASE = 30.0
+GRACE = 60.0  # an unanswered client may come back with its key for this long
 FINGERPRINTS = ("machine-fp-0001", "machine-fp-0002")
 OUTCOMES = ("created", "refused", "unknown_created", "unknown_lost")
 
@@ -166,6 +167,7 @@ class SettlementMachine(RuleBasedStateMachine):
             database_url=self.database_url or f"sqlite:///{self.tmp / 'ledger.sqlite3'}",
             submit_attempts=1,
             lease_seconds=LEASE,
+            handoff_grace=GRACE,
         )
         for _ in range(2):
             store = self.run(SQLStore.open(settings.resolved_database_url(), clock=self.clock))
@@ -330,7 +332,7 @@ class SettlementMachine(RuleBasedStateMachine):
         if unfinished:
             del self.upstream.tasks[unfinished[pick % len(unfinished)]]
 
-    @rule(seconds=st.sampled_from([1.0, LEASE + 1, 700.0, 2000.0]))
+    @rule(seconds=st.sampled_from([1.0, LEASE + 1, LEASE + GRACE + 1, 700.0, 2000.0]))
     def time_passes(self, seconds: float) -> None:
         if seconds > LEASE:  # the copiers run all the time: they would have had their turn
             for who in (0, 1):
@@ -339,9 +341,9 @@ class SettlementMachine(RuleBasedStateMachine):
 
     @rule(who=st.integers(0, 1))
     def settle(self, who: int) -> None:
-        """One lease period and one round later, nothing unanswered stays charged."""
+        """One lease period, the grace and one round later, nothing unanswered stays charged."""
         self.upstream.next_outcome = "created"
-        self.clock.now += LEASE + 1
+        self.clock.now += LEASE + GRACE + 1
         self.reconcile(who)
         for row in self._rows():
             if row.id not in self.model.received:

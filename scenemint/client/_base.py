@@ -41,6 +41,9 @@ DEFAULT_SERVER = "http://127.0.0.1:3000"
 # wait longer than that before calling it lost, then ask again with the same key.
 GENERATE_TIMEOUT = 90.0
 GENERATE_ATTEMPTS = 5
+# how long a generate keeps coming back while the server says its key is in progress: past a
+# crashed request's lease (SCENEMINT_LEASE_SECONDS, 30 s by default) with room to spare
+IN_PROGRESS_RETRY_SECONDS = 90.0
 CONFIG_DIR_ENV = "SCENEMINT_CONFIG_DIR"
 FINGERPRINT_FILE = "fingerprint"
 SIZES = ("1:1", "16:9", "9:16")
@@ -497,20 +500,45 @@ def new_idempotency_key() -> str:
 
 # what a retry with the same Idempotency-Key can fix: the answer was lost (a timeout, a
 # broken connection), the first request is still being worked on, the database hiccupped
-_RETRIED_CODES = frozenset({"timeout", "connection_lost", "idempotency_in_progress"})
+_RETRIED_CODES = frozenset({"timeout", "connection_lost"})
 _RETRIED_SERVER_CODES = frozenset({"store_unavailable", "http_502", "http_503", "http_504"})
 
 
 class GenerateRetries:
     """The bookkeeping of a generate retried with its Idempotency-Key: safe, because the
-    server answers a repeated key with the first request's task and never charges twice."""
+    server answers a repeated key with the first request's task and never charges twice.
 
-    def __init__(self, *, attempts: int = GENERATE_ATTEMPTS) -> None:
+    A lost answer (a timeout, a dropped connection) or a passing server failure is tried
+    again `attempts` times in all, with a growing pause (at most 30 s). `409
+    idempotency_in_progress` — the first request is still being worked on, or it crashed
+    and its lease (30 s on the server by default) has not lapsed — is tried again as the
+    server's `Retry-After` says for `in_progress_for` seconds after the first such answer:
+    then the task is taken over and answered (the server keeps an unanswered task for its
+    client for `SCENEMINT_HANDOFF_GRACE`, 60 s, longer than any pause here)."""
+
+    def __init__(
+        self,
+        *,
+        attempts: int = GENERATE_ATTEMPTS,
+        in_progress_for: float = IN_PROGRESS_RETRY_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.attempts = attempts
         self.attempt = 1
+        self._in_progress_for = in_progress_for
+        self._in_progress_until: float | None = None
+        self._clock = clock
 
     def pause(self, error: ClientError) -> float:
         """Seconds to wait before the next attempt; re-raises `error` when it is not worth it."""
+        if error.code == "idempotency_in_progress":
+            now = self._clock()
+            if self._in_progress_until is None:
+                self._in_progress_until = now + self._in_progress_for
+            wait = min(error.retry_after or 1.0, 30.0)
+            if now + wait > self._in_progress_until:
+                raise error
+            return wait
         retried = error.code in _RETRIED_CODES or (
             isinstance(error, ServerError) and error.code in _RETRIED_SERVER_CODES
         )
