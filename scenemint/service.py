@@ -32,6 +32,7 @@ from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass, replace
 from typing import TypeVar
 
+from . import deadline
 from .answers import Answer, TaskAnswers
 from .config import Settings
 from .enhancement import EnhancementStream
@@ -108,6 +109,10 @@ _READY_CACHE_SECONDS = 5.0
 _STORED_IMAGES_KEPT = 50_000
 _BACKOFF = 0.2  # seconds before the first resubmission attempt; doubled each time, jittered
 _WRITE_ATTEMPTS = 3  # a settlement write that meets a database error is tried this often
+# a generate answers within SCENEMINT_SUBMIT_TIMEOUT plus this, the database's waits included
+REQUEST_MARGIN = 5.0
+# of that, what the submission leaves for writing its outcome (and the charge before it)
+OUTCOME_RESERVE = 2.0
 
 
 class _Interrupted(Exception):
@@ -258,7 +263,29 @@ class ImageService:
     ) -> Delivery:
         """`generate`, with the task not yet delivered: the row stays leased to this request
         until the caller says its answer left (`Delivery.delivered`) or could not
-        (`Delivery.undelivered`). A crash in between refunds the task."""
+        (`Delivery.undelivered`). A crash in between refunds the task.
+
+        The whole of it — the charge, every submission attempt, the outcome's write — runs
+        within one deadline, `SCENEMINT_SUBMIT_TIMEOUT` plus `REQUEST_MARGIN`: a database
+        that stops answering makes it a 503 in time, not later."""
+        with deadline.within(self.settings.submit_timeout + REQUEST_MARGIN):
+            return await self._generate_answer(
+                prompt=prompt,
+                size=size,
+                fingerprint=fingerprint,
+                reference=reference,
+                idempotency_key=idempotency_key,
+            )
+
+    async def _generate_answer(
+        self,
+        *,
+        prompt: object,
+        size: object,
+        fingerprint: object,
+        reference: Reference | None,
+        idempotency_key: object,
+    ) -> Delivery:
         clean = clean_prompt(prompt, max_chars=self.settings.max_prompt_chars)
         size_ = normalize_size(size)
         owner = clean_fingerprint(fingerprint)
@@ -388,11 +415,14 @@ class ImageService:
         if not isinstance(upstream, Chatgpt2Api):  # the upstream kind changed since
             return SubmitResult(Refused("this upstream takes no task submissions"))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.settings.submit_timeout
+        until = loop.time() + self.settings.submit_timeout
+        left = deadline.remaining()
+        if left is not None:  # within a request: leave the time its outcome's write needs
+            until = min(until, loop.time() + left - OUTCOME_RESERVE)
         sent = False
         error: UpstreamError | None = None
         for attempt in range(1, self.settings.submit_attempts + 1):
-            remaining = deadline - loop.time()
+            remaining = until - loop.time()
             if remaining <= 0:
                 break
             try:
@@ -409,7 +439,7 @@ class ImageService:
                 if not (exc.retryable or exc.ambiguous) or attempt == self.settings.submit_attempts:
                     break
             delay = _BACKOFF * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-            if deadline - loop.time() <= delay:
+            if until - loop.time() <= delay:
                 break
             try:
                 await self._unless_shutdown(asyncio.sleep(delay), until_shutdown=until_shutdown)
@@ -525,9 +555,11 @@ class ImageService:
                 written = await self.store.apply(row, decision, owner=owner)
                 break
             except StoreUnavailable:
-                if attempt == _WRITE_ATTEMPTS:
+                pause = 0.1 * 2**attempt
+                left = deadline.remaining()
+                if attempt == _WRITE_ATTEMPTS or (left is not None and left <= pause):
                     raise
-                await asyncio.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(pause)
         if written is not None:
             await self._changed(written)
         return written

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import httpx
@@ -293,3 +294,67 @@ def test_a_client_gone_before_its_answer_does_not_pay(tmp_path, upstream, logs):
         row = ledger(running, task_id)
         assert row.refunded and not row.handed
         assert balance(running) == 10 and audit(running).ok
+
+
+# -- one deadline for the whole request, the database's waits included ---------------------
+
+SUBMIT_TIMEOUT = 3.0
+BOUND = SUBMIT_TIMEOUT + 5.0  # the submit timeout plus the request margin (REQUEST_MARGIN)
+
+
+def starve_the_database(running, database_url: str):
+    """A way to make the database hand out nothing: every pooled PostgreSQL connection
+    taken, or SQLite's write lock held by another connection. Returns the undo."""
+    if database_url.startswith("sqlite"):
+        import sqlite3
+
+        locker = sqlite3.connect(database_url[len("sqlite:///") :], isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        return lambda: (locker.rollback(), locker.close())
+    pool = running.service.store._backend._pool
+    taken = [pool.getconn(timeout=5) for _ in range(pool.max_size)]
+    return lambda: [pool.putconn(conn) for conn in taken]
+
+
+def test_a_generate_answers_within_its_bound_when_the_database_hands_out_nothing(
+    tmp_path, upstream, logs, database_url
+):
+    """The outcome write was tried three times, each waiting up to 10 s for a connection
+    (35.6 s seen with a 5 s submit timeout): one deadline for the request now, and what is
+    left of it is all the store may wait. The answer is a 503 in time; the key then gets
+    the task once the database is back."""
+    settings = make_settings(
+        tmp_path,
+        upstream,
+        database_url=database_url,
+        submit_timeout=SUBMIT_TIMEOUT,
+        lease_seconds=2,
+    )
+    with running_service(settings) as running:
+        check_in(running)
+        hold = upstream.hold(GENERATIONS)
+        answers: list[httpx.Response] = []
+
+        def request() -> None:
+            answers.append(generate(running, key="starved", timeout=60))
+
+        started = time.monotonic()
+        client = threading.Thread(target=request)
+        client.start()
+        assert hold.wait(5)
+        undo = starve_the_database(running, database_url)
+        try:
+            hold.release()  # the submission is answered; its outcome cannot be written
+            client.join(60)
+            took = time.monotonic() - started
+        finally:
+            undo()
+        (answer,) = answers
+        assert took < BOUND + 1.5, f"answered after {took:.1f} s"
+        assert_envelope(answer, 503, "store_unavailable")
+        again = generate(running, key="starved")
+        while again.status_code == 409:  # the request's lease lapses
+            time.sleep(0.2)
+            again = generate(running, key="starved")
+        assert again.status_code == 200, again.text
+        assert balance(running) == 9 and audit(running).ok

@@ -33,6 +33,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..deadline import remaining
 from ..errors import NoCredits, ScenemintError, StoreRejected, StoreUnavailable
 from ..settlement import UNFINISHED, Decision, Guard, ImageRecord, State
 from .base import (
@@ -63,6 +64,7 @@ _UNFINISHED = "('" + "','".join(sorted(UNFINISHED)) + "')"
 _FINISHED = "('completed','failed')"
 _LIVE_IMAGE = "image_key IS NOT NULL AND image_expired_at IS NULL"
 _CLOCK_CHECK_SECONDS = 60.0
+_POOL_WAIT = 10.0  # the longest wait for a pooled PostgreSQL connection
 
 
 class Tx:
@@ -107,6 +109,11 @@ class _Backend:
 
     def transaction(self, *, write: bool) -> AbstractContextManager[Tx]:
         raise NotImplementedError
+
+    def bounded(self, fn: Callable[[], T], seconds: float) -> Callable[[], T]:
+        """`fn` with the database's own waits (a connection, a statement) bounded by
+        `seconds`, where the backend can bound them."""
+        return fn
 
     def close(self) -> None:
         raise NotImplementedError
@@ -183,17 +190,39 @@ class _PostgresBackend(_Backend):
             # replaced before it is handed out, not by the request that would use it
             check=ConnectionPool.check_connection,
             open=False,
-            timeout=10,
+            timeout=_POOL_WAIT,
         )
+        self._bound = threading.local()  # seconds a call may wait (`bounded`), per thread
         self._pool.open(wait=True, timeout=10)
 
     @contextmanager
     def _tx(self, write: bool) -> Any:
-        with self._pool.connection() as conn, conn.transaction(), conn.cursor() as cursor:
+        limit = getattr(self._bound, "seconds", None)
+        with (
+            self._pool.connection(timeout=min(_POOL_WAIT, limit) if limit else None) as conn,
+            conn.transaction(),
+            conn.cursor() as cursor,
+        ):
+            if limit:
+                # the server gives up too: no statement outlives the request that waits
+                ms = max(1, int(limit * 1000))
+                cursor.execute(f"SET LOCAL statement_timeout = {ms}; SET LOCAL lock_timeout = {ms}")
             yield Tx(cursor, paramstyle="format")
 
     def transaction(self, *, write: bool) -> AbstractContextManager[Tx]:
         return self._tx(write)
+
+    def bounded(self, fn: Callable[[], T], seconds: float) -> Callable[[], T]:
+        bound = self._bound
+
+        def run() -> T:
+            bound.seconds = seconds
+            try:
+                return fn()
+            finally:
+                bound.seconds = None
+
+        return run
 
     def close(self) -> None:
         self._pool.close()
@@ -343,9 +372,26 @@ class SQLStore:
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run `fn` in the store's threads; every exception of the drivers becomes ours:
-        data the database refuses is StoreRejected (400), anything else StoreUnavailable."""
+        data the database refuses is StoreRejected (400), anything else StoreUnavailable.
+
+        Within a request's deadline (`deadline.within`) the call waits no longer than what
+        is left of it — for a connection, for its statements, for its answer — and fails
+        with StoreUnavailable past it (a write may then still land: the caller's settlement
+        is conditional, and a lease it holds lapses on its own)."""
+        left = remaining()
+        if left is not None and left <= 0:
+            raise StoreUnavailable(detail="the request's deadline passed before the database")
+        if left is not None:
+            fn = self._backend.bounded(fn, left)
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            work = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            if left is None:
+                return await work
+            async with asyncio.timeout(left):
+                return await work
+        except TimeoutError as exc:
+            log.error("database did not answer within the request's deadline")
+            raise StoreUnavailable(detail="no answer within the request's deadline") from exc
         except (ScenemintError, KeyInUse):
             raise
         except self._backend.rejected as exc:
