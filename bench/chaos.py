@@ -124,6 +124,7 @@ class Config:
     poll_timeout: float = 2.0
     task_max_age: float = 20.0
     resubmit_window: float = 10.0
+    handoff_grace: float = 4.0  # longer than the keyed clients' pauses between retries
     settle_timeout: float = 0.0  # 0: task_max_age + 30
     generate_timeout: float = 0.0  # 0: submit_timeout + 12 (the server's bound plus a margin)
     request_timeout: float = 15.0  # every other request
@@ -999,6 +1000,7 @@ def service_env(cfg: Config, url: str, upstream: ChaosUpstream, workdir: Path) -
         "SCENEMINT_IMAGE_IDLE_TIMEOUT": "3",
         "SCENEMINT_TASK_MAX_AGE": f"{cfg.task_max_age:g}",
         "SCENEMINT_RESUBMIT_WINDOW": f"{cfg.resubmit_window:g}",
+        "SCENEMINT_HANDOFF_GRACE": f"{cfg.handoff_grace:g}",
         # the breaker would turn the upstream's chaos into fast 503s: measure the ledger
         "SCENEMINT_BREAKER_MIN_CALLS": "1000000",
         "SCENEMINT_BREAKER_THRESHOLD": "1000000",

@@ -3,7 +3,7 @@
 The library API, usable without the web layer:
 
     Settings        scenemint.config     every setting, read once from the environment
-    UpstreamClient  scenemint.upstream   all HTTP to chatgpt2api
+    open_router     scenemint.service    the configured upstreams, opened (all HTTP upstream)
     ImageService    scenemint.service    generate, get a task, open its image, enhance
     open_store      scenemint.store      credits and the task ledger (SQLite, PostgreSQL)
     create_app      scenemint.web.app    the FastAPI app (what `scenemint serve` runs)
@@ -23,12 +23,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ImageService": "scenemint.service",
     "Settings": "scenemint.config",
-    "UpstreamClient": "scenemint.upstream",
     "create_app": "scenemint.web.app",
+    "open_router": "scenemint.service",
     "open_store": "scenemint.store",
 }
 
-__all__ = ["ImageService", "Settings", "UpstreamClient", "__version__", "create_app", "open_store"]
+__all__ = ["ImageService", "Settings", "__version__", "create_app", "open_router", "open_store"]
 
 
 def __getattr__(name: str) -> Any:

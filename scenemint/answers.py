@@ -1,15 +1,15 @@
-"""The one cache of task answers: what a poll of a task answers, reused while it is true.
+"""Task answers: what a poll of a task answers, made once and reused while it is true.
 
-An answer is remembered with the version of the ledger row it was made from. It is reused
-for `fresh_for` seconds while the task is unfinished (the poll interval: the upstream is not
-asked more often than that, however many clients poll), for `finished_for` seconds once it
-is finished (a finished row never changes). Every change this process writes to a row
-replaces the answer at once (`put` with the newer version wins; an older version never
-replaces a newer one), so an answer never outlives a change made here; a change made by
-another instance is seen at the latest when the answer expires.
+`TaskAnswers` is the one cache: an answer is remembered with the version of the ledger row
+it was made from. It is reused for `fresh_for` seconds while the task is unfinished (the
+poll interval: the upstream is not asked more often than that, however many clients poll),
+for `finished_for` seconds once it is finished (a finished row never changes). Every change
+this process writes to a row replaces the answer at once (`put` with the newer version wins;
+an older version never replaces a newer one), so an answer never outlives a change made
+here; a change made by another instance is seen at the latest when the answer expires.
 
-Only task ids of the fixed UUID shape are ever cached (the service checks), so memory is
-bounded by the entry count.
+`public_task` is the row as a client sees it. Only task ids of the fixed UUID shape are ever
+cached (the service checks), so memory is bounded by the entry count.
 """
 
 from __future__ import annotations
@@ -18,10 +18,21 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from .models import Task
+from .models import Task, image_path, rfc3339_from_epoch
+from .settlement import State
 
 _MAX_ENTRIES = 20_000
+# the status a client sees for each ledger state
+_PUBLIC_STATUS = {
+    State.SUBMITTING: State.QUEUED,
+    State.QUEUED: State.QUEUED,
+    State.RUNNING: State.RUNNING,
+    State.FETCHING: State.RUNNING,  # the upstream finished; its image is being copied
+    State.COMPLETED: State.COMPLETED,
+    State.FAILED: State.FAILED,
+}
 _NO_ROW = -1  # the version of an answer for an id the ledger does not have
 
 
@@ -90,3 +101,43 @@ class TaskAnswers:
         self._answers = {k: v for k, v in self._answers.items() if v.expires > now}
         if len(self._answers) >= self._max_entries:
             self._answers.clear()
+
+
+class _Row(Protocol):
+    @property
+    def id(self) -> str: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def size(self) -> str: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def error_code(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def revised_prompt(self) -> str | None: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def updated_at(self) -> float: ...
+
+
+def public_task(row: _Row, *, prompt: str | None = None, remaining: int | None = None) -> Task:
+    """The ledger row as a client sees it."""
+    status = _PUBLIC_STATUS.get(State(row.state), State.QUEUED)
+    return Task(
+        id=row.id,
+        mode=row.mode,
+        status=str(status),
+        size=row.size,
+        image=image_path(row.id) if status is State.COMPLETED else None,
+        error_code=row.error_code if status is State.FAILED else None,
+        error=row.error if status is State.FAILED else None,
+        revised_prompt=row.revised_prompt,
+        created_at=rfc3339_from_epoch(row.created_at),
+        updated_at=rfc3339_from_epoch(row.updated_at),
+        prompt=prompt,
+        remaining_credits=remaining,
+    )

@@ -62,6 +62,13 @@ def serve(
             }
         )
     configure_logging(settings)
+    from .upstream.config import UpstreamsError, load_upstreams
+
+    try:
+        load_upstreams(settings)  # a bad upstreams file stops us here, naming what is wrong
+    except UpstreamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     _raise_open_files_limit()
     if workers > 1 and demo:
         raise typer.BadParameter("--demo runs one process: its demo upstream lives inside it")

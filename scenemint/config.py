@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     image_model: str = Field("gpt-image-2", validation_alias=_env("CHATGPT2API_IMAGE_MODEL"))
     prompt_model: str = Field("gpt-5.5", validation_alias=_env("CHATGPT2API_PROMPT_MODEL"))
 
+    upstreams_file: Path | None = Field(
+        None,
+        validation_alias=_env("SCENEMINT_UPSTREAMS_FILE"),
+        description="a TOML file of [[upstream]] tables (several upstreams); without it the"
+        " CHATGPT2API_* variables define one named default",
+    )
     upstream_kind: Literal["chatgpt2api", "openai"] = Field(
         "chatgpt2api",
         validation_alias=_env("SCENEMINT_UPSTREAM_KIND"),
@@ -306,7 +312,7 @@ class Settings(BaseSettings):
         "text", validation_alias=_env("SCENEMINT_LOG_FORMAT")
     )
 
-    @field_validator("upstream_base_url", mode="before")
+    @field_validator("upstream_base_url", "upstreams_file", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -319,7 +325,7 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             value = [part for part in value.split(",") if part.strip()]
         if isinstance(value, list):
-            return [_image_origin(part) if isinstance(part, str) else part for part in value]
+            return [image_origin(part) if isinstance(part, str) else part for part in value]
         return value
 
     @field_validator("openai_sizes", mode="before")
@@ -332,13 +338,12 @@ class Settings(BaseSettings):
             if not part.strip():
                 continue
             ours, _, theirs = part.partition("=")
-            ours, theirs = ours.strip(), theirs.strip()
-            if ours not in DEFAULT_OPENAI_SIZES or not _SIZE.fullmatch(theirs):
+            try:
+                sizes[ours.strip()] = openai_size(ours.strip(), theirs.strip())
+            except ValueError as exc:
                 raise ValueError(
-                    f"SCENEMINT_OPENAI_SIZES: {part.strip()!r} is not like 16:9=1536x1024"
-                    " (sizes: 1:1, 16:9, 9:16; values: WIDTHxHEIGHT or auto)"
-                )
-            sizes[ours] = theirs
+                    f"SCENEMINT_OPENAI_SIZES: {part.strip()!r} is not like 16:9=1536x1024 ({exc})"
+                ) from None
         return sizes
 
     @field_validator("image_store")
@@ -385,7 +390,16 @@ class Settings(BaseSettings):
         return f"sqlite:///{(self.data_dir / 'scenemint.sqlite3').as_posix()}"
 
 
-def _image_origin(value: str) -> str:
+def openai_size(ours: str, theirs: str) -> str:
+    """How the openai kind sends one of our sizes: `WIDTHxHEIGHT` or `auto`."""
+    if ours not in DEFAULT_OPENAI_SIZES:
+        raise ValueError(f"our sizes are {', '.join(DEFAULT_OPENAI_SIZES)}, not {ours!r}")
+    if not _SIZE.fullmatch(theirs):
+        raise ValueError(f"{theirs!r} is not WIDTHxHEIGHT or auto")
+    return theirs
+
+
+def image_origin(value: str) -> str:
     """An origin of SCENEMINT_IMAGE_HOSTS: `scheme://host[:port]`, nothing less or more.
 
     A host without a scheme was dropped silently before, and a path widened the allowance
@@ -396,15 +410,13 @@ def _image_origin(value: str) -> str:
     try:
         parts.port  # noqa: B018 - raises on a port out of range
     except ValueError as exc:
-        raise ValueError(f"SCENEMINT_IMAGE_HOSTS: {value!r} has an invalid port") from exc
+        raise ValueError(f"image host {value!r} has an invalid port") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(
-            f"SCENEMINT_IMAGE_HOSTS: {value!r} is not an origin like https://cdn.example.com"
-        )
+        raise ValueError(f"image host {value!r} is not an origin like https://cdn.example.com")
     if parts.path or parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError(
-            f"SCENEMINT_IMAGE_HOSTS: {value!r} must be an origin (scheme://host[:port]) without"
-            " a path: the whole origin is allowed"
+            f"image host {value!r} must be an origin (scheme://host[:port]) without a path:"
+            " the whole origin is allowed"
         )
     return text
 

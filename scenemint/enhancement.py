@@ -33,9 +33,13 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from typing import Any, Protocol
 
-from .errors import UpstreamError
+from .config import Settings
+from .errors import BadRequest, NotConfigured, UpstreamError
 from .messages import message_for
+from .prompts import DIRECTIONS, chat_request
+from .upstream.router import Router
 from .upstream.secrets import REDACTED, KeyRedactor
+from .validation import clean_prompt
 
 log = logging.getLogger("scenemint.enhancement")
 
@@ -452,3 +456,90 @@ def _child(node: Any, step: object, fresh: Any) -> Any:
         return existing
     node[key] = fresh
     return fresh
+
+
+# -- opening a stream: the first healthy upstream with a prompt model ---------------------
+
+_ENHANCEMENT_CODES = {502: "enhance_failed", 503: "enhance_unavailable", 504: "enhance_timeout"}
+
+
+async def open_enhancement(
+    router: Router,
+    settings: Settings,
+    *,
+    prompt: object,
+    direction: object,
+    chinese: bool = False,
+    shutting_down: asyncio.Event | None = None,
+) -> EnhancementStream:
+    """Open a chat stream at the first upstream (by priority, those whose chat breaker is
+    closed first) that has a prompt model; before its first byte, one that refuses or
+    cannot be reached is skipped for the next. Errors raise here, before anything is
+    streamed, with codes of their own (`enhance_failed`, `enhance_timeout`,
+    `enhance_unavailable`, `enhance_not_configured`): an enhancement that fails never says
+    the image service did."""
+    clean = clean_prompt(prompt, max_chars=settings.max_prompt_chars)
+    if not isinstance(direction, str) or direction.strip() not in DIRECTIONS:
+        raise BadRequest("invalid_direction")
+    if not router:
+        log.error(
+            "enhancement: no upstream is configured (SCENEMINT_UPSTREAMS_FILE, or"
+            " CHATGPT2API_BASE_URL and CHATGPT2API_API_KEY)"
+        )
+        raise NotConfigured("enhance_not_configured")
+    routes = router.for_chat()
+    if not routes:
+        log.error("enhancement: no upstream has a prompt model (prompt_model)")
+        raise NotConfigured("enhance_not_configured")
+    last: UpstreamError | None = None
+    for route in routes:
+        client = route.client
+        assert client is not None and route.chat_model is not None
+        body = chat_request(
+            model=route.chat_model,
+            prompt=clean,
+            direction=direction.strip(),
+            # OpenAI's reasoning models refuse any temperature but their default
+            temperature=route.kind != "openai",
+        )
+        stack = AsyncExitStack()
+        try:
+            events = await stack.enter_async_context(client.open_chat_stream(body))
+        except UpstreamError as exc:
+            await stack.aclose()
+            if not _skippable(exc):
+                raise _as_enhancement_error(exc) from exc
+            log.warning("enhancement: %s refused or unreachable, trying the next", route.name)
+            last = exc
+            continue
+        except BaseException:
+            await stack.aclose()
+            raise
+        return EnhancementStream(
+            stack,
+            events,
+            ping_interval=settings.stream_ping_interval,
+            deadline=asyncio.get_running_loop().time() + settings.stream_deadline,
+            chinese=chinese,
+            shutting_down=shutting_down,
+            redactor=router.secrets,  # every upstream's key: none may reach a reader
+        )
+    assert last is not None
+    raise _as_enhancement_error(last) from last
+
+
+def _skippable(exc: UpstreamError) -> bool:
+    """Refused (it answered with an error status, or our breaker is open) or unreachable:
+    nothing was streamed, the next upstream may serve it. A timeout waiting for the first
+    byte is not skipped: the client has waited long enough."""
+    return exc.reason in ("connect", "breaker") or exc.upstream_status is not None
+
+
+def _as_enhancement_error(exc: UpstreamError) -> UpstreamError:
+    """The same failure, with a code that says the enhancement failed."""
+    return type(exc)(
+        _ENHANCEMENT_CODES.get(exc.status, "enhance_failed"),
+        detail=exc.detail,
+        upstream_status=exc.upstream_status,
+        reason=exc.reason,
+    )

@@ -173,26 +173,35 @@ def copier(service: ImageService) -> LeasedWorkers:
         service,
         name="image-copier",
         slots=service.settings.copy_concurrency,
-        wake=service.needs_copy,
+        wake=service.wakeups.copy,
         claim=service.store.claim_fetching,
         work=service.complete,
     )
 
 
-def runner(service: ImageService) -> LeasedWorkers:
-    """Sends the queued jobs of a synchronous upstream (openai kind), each at most once."""
-    return LeasedWorkers(
-        service,
-        name="job-runner",
-        slots=service.settings.job_concurrency,
-        wake=service.needs_jobs,
-        claim=service.claim_jobs,
-        work=service.run_job,
-        # a generation already sent is made (and billed) upstream anyway: let it finish
-        drain=service.settings.job_drain_timeout,
-        until=service.shutting_down,
-        force=service.force_stop,
-    )
+def runners(service: ImageService) -> list[LeasedWorkers]:
+    """Senders of the queued jobs of each synchronous upstream (openai kind), each job at
+    most once: `job_concurrency` of its upstream's at a time. Each wakes on its own event (a job
+    queued there), and claims only its own upstream's."""
+    made = []
+    for route in service.router.routes:
+        if route.kind != "openai" or route.client is None:
+            continue
+        made.append(
+            LeasedWorkers(
+                service,
+                name=f"job-runner-{route.name}",
+                slots=route.config.job_concurrency,
+                wake=service.wakeups.jobs(route.name),
+                claim=functools.partial(service.claim_jobs, route.name),
+                work=service.run_job,
+                # a generation already sent is made (and billed) upstream anyway: let it end
+                drain=service.settings.job_drain_timeout,
+                until=service.shutting_down,
+                force=service.force_stop,
+            )
+        )
+    return made
 
 
 class Sweeper:

@@ -116,6 +116,10 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "Prompt enhancement is unavailable right now.",
         "提示词优化暂不可用。",
     ),
+    "enhance_not_configured": (
+        "Prompt enhancement is not set up on this server.",
+        "本服务器未配置提示词优化。",
+    ),
     "enhance_interrupted": (
         "The prompt enhancement stream was interrupted.",
         "提示词优化的输出被中断。",

@@ -48,14 +48,27 @@ class Metrics:
         )
         self.upstream_calls = Counter(
             "scenemint_upstream_calls",
-            "Upstream calls by kind and HTTP status",
-            ["kind", "status"],
+            "Upstream calls by upstream (its name), kind and HTTP status",
+            ["upstream", "kind", "status"],
             registry=r,
         )
         self.upstream_failures = Counter(
             "scenemint_upstream_failures",
-            "Upstream failures by kind and reason",
-            ["kind", "reason"],
+            "Upstream failures by upstream, kind and reason",
+            ["upstream", "kind", "reason"],
+            registry=r,
+        )
+        self.breaker_open = Gauge(
+            "scenemint_upstream_breaker_open",
+            "1 while an upstream's circuit breaker for an operation is open",
+            ["upstream", "operation"],
+            registry=r,
+        )
+        self.failovers = Counter(
+            "scenemint_failovers",
+            "Tasks that moved on to another upstream, by the one they left and the one they"
+            " went to",
+            ["upstream", "to"],
             registry=r,
         )
         self.tasks = Counter(

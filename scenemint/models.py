@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .messages import message_for
+from .settlement import Fault
 
 SIZES = ("1:1", "16:9", "9:16")
 DEFAULT_SIZE = "1:1"
@@ -77,6 +78,7 @@ class UpstreamTask:
     image_url: str | None = None
     revised_prompt: str | None = None
     error: str | None = None
+    fault: Fault | None = None  # a failed task: whose fault (`upstream.router.late_fault`)
 
     @classmethod
     def from_json(cls, obj: Any) -> UpstreamTask:

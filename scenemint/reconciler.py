@@ -7,8 +7,10 @@ submission's outcome is unknown, one round:
    images of finished tasks that could not be removed before;
 2. takes the unfinished rows with no live lease (oldest first); a submission whose answer
    never reached its client is refunded without asking anyone;
-3. asks the upstream about the rest in batches (a batch whose listing fails is split until
-   the failing id is alone, so one task never blocks the others) and applies what it says;
+3. asks each upstream about the rest of its own rows in batches (a batch whose listing
+   fails is split until the failing id is alone, so one task never blocks the others) and
+   applies what it says (a failure about capacity, or a task the upstream lost, moves the
+   task on to the next upstream while it is young);
    a task still unfinished, or whose listing failed or did not answer in time, fails and is
    refunded once it is past the age limit;
 4. resubmits, concurrently and bounded, the submissions the upstream never received while
@@ -30,9 +32,8 @@ from dataclasses import dataclass
 from .errors import UpstreamError
 from .poller import Fetch, Outcome, list_isolating
 from .service import ImageService
-from .settlement import FINISHED, Abandoned, Decision, Missing, Resubmit, Seen, State, Step, decide
+from .settlement import FINISHED, Abandoned, Decision, Missing, Resubmit, Seen, State, Step
 from .store import LedgerTask
-from .upstream import Chatgpt2Api
 
 log = logging.getLogger("scenemint.reconciler")
 
@@ -76,7 +77,7 @@ class Reconciler:
         await asyncio.gather(*self._resubmitting.values(), return_exceptions=True)
 
     async def _loop(self) -> None:
-        wake = self._service.needs_reconcile
+        wake = self._service.wakeups.reconcile
         while True:
             wake.clear()
             await self.run_once()
@@ -118,25 +119,30 @@ class Reconciler:
             await service.drop_reference(task_id, path)
         rows = await store.settleable(limit=_ROWS_PER_ROUND)
         result.checked = len(rows)
-        to_ask: list[LedgerTask] = []
-        listing = service.upstream if isinstance(service.upstream, Chatgpt2Api) else None
+        to_ask: dict[str, list[LedgerTask]] = {}  # by the upstream that holds them
         for row in rows:
-            if listing is not None and row.kind == "task" and row.state in _ASKABLE and row.handed:
-                to_ask.append(row)
+            route = service.router.get(row.upstream)
+            askable = route is not None and route.poller is not None
+            if askable and row.kind == "task" and row.state in _ASKABLE and row.handed:
+                to_ask.setdefault(row.upstream, []).append(row)
             else:  # an answer that never left, a job of ours, nobody to ask: no listing
                 await self._settle(row, self._aged(row), result)
-        if not to_ask or listing is None:
+        if not to_ask:
             return
         found: dict[str, Outcome] = {}
         try:
-            # what the listing does not answer in time is settled by the age rule alone
+            # what the listings do not answer in time is settled by the age rule alone
             async with asyncio.timeout(self._settings.reconcile_deadline * 0.75):
-                await self._ask(listing.list_tasks, [row.id for row in to_ask], found)
+                await asyncio.gather(
+                    *(
+                        self._ask(self._listing(name), [row.id for row in held], found)
+                        for name, held in to_ask.items()
+                    )
+                )
         except TimeoutError:
-            log.warning(
-                "reconcile: listings ran out of time; %d of %d answered", len(found), len(to_ask)
-            )
-        for row in to_ask:
+            asked = sum(len(held) for held in to_ask.values())
+            log.warning("reconcile: listings ran out of time; %d of %d answered", len(found), asked)
+        for row in (row for held in to_ask.values() for row in held):
             answer = found.get(row.id, _UNANSWERED)
             if isinstance(answer, UpstreamError):
                 log.warning("reconcile: cannot ask about %s: %s", row.id, answer.detail)
@@ -144,7 +150,7 @@ class Reconciler:
                 await self._settle(row, self._aged(row), result)
                 continue
             observation = Seen(answer) if answer is not None else Missing()
-            step = decide(row, observation, now=store.now(), limits=service.limits)
+            step = service.ledger.decide(row, observation)
             if isinstance(step, Resubmit):
                 result.resubmitted += await self._start_resubmission(row)
                 continue
@@ -154,7 +160,12 @@ class Reconciler:
 
     def _aged(self, row: LedgerTask) -> Step:
         """What needs no upstream: an unanswered submission's refund, or the age limit."""
-        return decide(row, Abandoned(), now=self._service.store.now(), limits=self._service.limits)
+        return self._service.ledger.decide(row, Abandoned())
+
+    def _listing(self, name: str) -> Fetch:
+        route = self._service.router.get(name)
+        assert route is not None
+        return route.list_tasks
 
     async def _ask(self, fetch: Fetch, ids: list[str], found: dict[str, Outcome]) -> None:
         """The upstream's answer for every id, into `found`: batches in parallel, a failing
@@ -173,7 +184,7 @@ class Reconciler:
         if not isinstance(step, Decision):
             return
         try:
-            written = await self._service.write(row, step)
+            written = await self._service.ledger.write(row, step)
         except Exception:
             log.exception("reconcile: task %s could not be settled", row.id)
             self._service.metrics.reconcile_errors.inc()

@@ -25,6 +25,21 @@ about later: a running job whose owner is gone, or whose call ended without an a
       │ age limit       └─Refused, Unknown, owner gone ─▶ failed (refunded)
       └──────────────────────────────────────────────▶ failed (refunded)
 
+Several upstreams: a task belongs to the upstream that holds it (`row.upstream`). It moves on
+to another one (`Decision.move_to`, written before anything is sent there) only when the one
+it was sent to proved it made nothing, for a reason that is the upstream's, not the
+request's — a refusal at submission (`Refused(fault=UPSTREAM)`: a key or account problem,
+a missing model, 429, a 503, a refused connection, our breaker), a late failure about
+capacity (`Seen` of a failed task whose `fault` is the upstream's), or a task the upstream
+lost (`Missing` after it had it) — and while it is younger than the resubmit window, to the
+upstream the caller offers (`alternative`, the router's next one it has not been sent to).
+An unknown outcome never moves a task: whoever may still make the image is asked until it
+answers. A task with nowhere to go fails and is refunded, once; a task of a synchronous
+upstream that was sent may have been made (and paid for) and never moves either.
+
+    submitting/queued/running ─Refused(upstream), failed for capacity, lost─▶ submitting
+                              (at the next upstream; queued there for a sync upstream)
+
 Completion includes the bytes: a task the upstream finished is `fetching` (shown as running)
 until its image is in our image store; the lease holder copies it (`Stored`); a copy that
 keeps failing (`FetchFailed`) fails the task and refunds it once `fetch_deadline` has passed
@@ -42,7 +57,7 @@ Idempotency-Key and take the row over.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -63,6 +78,13 @@ FINISHED = frozenset({State.COMPLETED, State.FAILED})
 class Guard(StrEnum):
     OWNER = "owner"  # only the holder of the row's live lease may apply it
     FREE = "free"  # only while nobody holds a live lease on the row
+
+
+class Fault(StrEnum):
+    """Whose fault it is that an upstream made nothing (`upstream.router.judge` says)."""
+
+    REQUEST = "request"  # no upstream would answer otherwise: the request fails
+    UPSTREAM = "upstream"  # this upstream's: another one may make it
 
 
 class ErrorCode(StrEnum):
@@ -99,6 +121,8 @@ class Row(Protocol):
     def fetch_attempts(self) -> int: ...
     @property
     def kind(self) -> str: ...  # "task" (an async task API) or "sync" (a job of ours)
+    @property
+    def upstream(self) -> str: ...  # the upstream that holds it
 
 
 class UpstreamView(Protocol):
@@ -112,6 +136,8 @@ class UpstreamView(Protocol):
     def revised_prompt(self) -> str | None: ...
     @property
     def error(self) -> str | None: ...
+    @property
+    def fault(self) -> Fault | None: ...  # whose fault a failure is, when it is known
 
 
 # -- observations ---------------------------------------------------------------------
@@ -128,11 +154,21 @@ class Accepted:
 class Refused:
     """An answer that proves the task was not created (a 4xx of the task API, a refused
     connection before anything was sent). `code` and `error` say why, when the upstream
-    said (a content policy refusal, its own words)."""
+    said (a content policy refusal, its own words); `fault` whether another upstream might
+    make it."""
 
     detail: str = ""
     code: ErrorCode | None = None
     error: str | None = None
+    fault: Fault = Fault.REQUEST
+
+
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A sync job's request did not leave: our own breaker for its upstream held it back,
+    after attempts that all proved nothing was made. It goes back to the queue, unsent."""
+
+    detail: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -228,6 +264,7 @@ Observation = (
     | Delivered
     | Sending
     | Generated
+    | Held
 )
 
 
@@ -262,6 +299,10 @@ class Decision:
     fetch_error: str | None = None  # why the last copy failed (for the log and operators)
     keep_lease: bool = False  # the owner keeps its lease (its answer has not left yet)
     sent: bool = False  # a sync job's request is about to leave (sent_at is written)
+    unsent: bool = False  # a sync job goes back to its queue (sent_at is cleared)
+    move_to: str | None = None  # the upstream it moves on to (written before it is sent)
+    move_kind: str | None = None  # its kind there: "task" or "sync"
+    moved: str | None = None  # why it left the one it was at
 
     @property
     def refunds(self) -> bool:
@@ -273,6 +314,14 @@ class Resubmit:
     """The upstream never got it and it is young: claim the lease and send it again."""
 
 
+@dataclass(frozen=True, slots=True)
+class Alternative:
+    """The upstream a task may move on to (the router's next one it was not sent to)."""
+
+    name: str
+    kind: str  # "task" (an async task API) or "sync" (a job of ours)
+
+
 Step = Decision | Resubmit | None
 
 
@@ -280,12 +329,39 @@ def fail(code: ErrorCode, guard: Guard, *, error: str | None = None) -> Decision
     return Decision(State.FAILED, guard, error_code=code, error=error)
 
 
+def move_on(
+    row: Row, alternative: Alternative | None, guard: Guard, *, why: str, now: float, limits: Limits
+) -> Decision | None:
+    """The task goes to `alternative`, unsent there, if there is one and the task is young
+    enough; None otherwise (the caller fails it). An owner who goes on sending it keeps its
+    lease (`keep_lease`, the caller's to set)."""
+    if alternative is None or alternative.name == row.upstream:
+        return None
+    if now - row.created_at >= limits.resubmit_window:
+        return None
+    state = State.QUEUED if alternative.kind == "sync" else State.SUBMITTING
+    return Decision(
+        state,
+        guard,
+        move_to=alternative.name,
+        move_kind=alternative.kind,
+        moved=why[:300] or "nothing was made",
+    )
+
+
 def decide(
-    row: Row, observation: Observation, *, now: float, limits: Limits, hand: bool = False
+    row: Row,
+    observation: Observation,
+    *,
+    now: float,
+    limits: Limits,
+    hand: bool = False,
+    alternative: Alternative | None = None,
 ) -> Step:
     """The next step for `row` given `observation` at `now` (the store's clock).
 
-    `hand=True` when the caller answers the client with the result (the generate request).
+    `hand=True` when the caller answers the client with the result (the generate request);
+    `alternative` is where the task may move on to, should the observation allow it.
     """
     state = State(row.state)
     if state in FINISHED:
@@ -303,15 +379,32 @@ def decide(
     if state is State.FETCHING:
         return _fetching(row, observation, now=now, free=free, limits=limits)
     if row.kind == "sync":
-        return _job(row, observation, now=now, free=free, limits=limits)
+        return _job(row, observation, now=now, free=free, limits=limits, alternative=alternative)
     match observation:
         case Accepted(task):
             if state is not State.SUBMITTING:
                 return None
-            return _from_upstream(task, Guard.OWNER, hand=hand, same_as=None)
-        case Refused():
+            return _from_upstream(
+                row, task, Guard.OWNER, hand=hand, now=now, limits=limits, alternative=alternative
+            )
+        case Refused(detail, _, _, fault):
             if state is not State.SUBMITTING:
                 return None
+            if fault is Fault.UPSTREAM:
+                moved = move_on(row, alternative, Guard.OWNER, why=detail, now=now, limits=limits)
+                if moved is not None:
+                    return moved
+                if handed:  # a resubmission of the client's task: kept, tried again later
+                    return Decision(State.SUBMITTING, Guard.OWNER)
+            return fail(ErrorCode.REFUSED, Guard.OWNER)
+        case Held(detail):
+            if state is not State.SUBMITTING:
+                return None
+            moved = move_on(row, alternative, Guard.OWNER, why=detail, now=now, limits=limits)
+            if moved is not None:
+                return moved
+            if handed:
+                return Decision(State.SUBMITTING, Guard.OWNER)
             return fail(ErrorCode.REFUSED, Guard.OWNER)
         case Unknown():
             if state is not State.SUBMITTING:
@@ -321,7 +414,16 @@ def decide(
         case Seen(task):
             if not free:
                 return None
-            return _from_upstream(task, Guard.FREE, hand=False, same_as=row)
+            return _from_upstream(
+                row,
+                task,
+                Guard.FREE,
+                hand=False,
+                now=now,
+                limits=limits,
+                alternative=alternative,
+                same_as=row,
+            )
         case Missing():
             if not free:
                 return None
@@ -329,7 +431,16 @@ def decide(
                 if now - row.created_at < limits.resubmit_window:
                     return Resubmit()
                 return fail(ErrorCode.LOST, Guard.FREE)
-            return fail(ErrorCode.EXPIRED, Guard.FREE)
+            # it had the task and lost it: nothing of it will come from there
+            moved = move_on(
+                row,
+                alternative,
+                Guard.FREE,
+                why="the upstream lost the task",
+                now=now,
+                limits=limits,
+            )
+            return moved or fail(ErrorCode.EXPIRED, Guard.FREE)
         case Abandoned():
             if not free:
                 return None
@@ -343,7 +454,15 @@ def decide(
     return None
 
 
-def _job(row: Row, observation: Observation, *, now: float, free: bool, limits: Limits) -> Step:
+def _job(
+    row: Row,
+    observation: Observation,
+    *,
+    now: float,
+    free: bool,
+    limits: Limits,
+    alternative: Alternative | None,
+) -> Step:
     """A job of a synchronous upstream: sent at most once, never asked about later."""
     state = State(row.state)
     match observation:
@@ -371,10 +490,20 @@ def _job(row: Row, observation: Observation, *, now: float, free: bool, limits: 
                 revised_prompt=revised,
                 upstream_done=True,
             )
-        case Refused(_, code, error):
+        case Refused(detail, code, error, fault):
             if state is not State.RUNNING:
                 return None
+            if fault is Fault.UPSTREAM:  # every attempt proved nothing was made
+                moved = move_on(row, alternative, Guard.OWNER, why=detail, now=now, limits=limits)
+                if moved is not None:
+                    return moved
             return fail(code or ErrorCode.REFUSED, Guard.OWNER, error=error)
+        case Held(detail):
+            if state is not State.RUNNING:
+                return None
+            moved = move_on(row, alternative, Guard.OWNER, why=detail, now=now, limits=limits)
+            # nothing left: back in its queue, unsent, for when the breaker lets calls through
+            return moved or Decision(State.QUEUED, Guard.OWNER, unsent=True)
         case Unknown():
             if state is not State.RUNNING:
                 return None
@@ -410,9 +539,24 @@ def _fetching(
     return None
 
 
-def _from_upstream(task: UpstreamView, guard: Guard, *, hand: bool, same_as: Row | None) -> Step:
+def _from_upstream(
+    row: Row,
+    task: UpstreamView,
+    guard: Guard,
+    *,
+    hand: bool,
+    now: float,
+    limits: Limits,
+    alternative: Alternative | None,
+    same_as: Row | None = None,
+) -> Step:
     """Where the upstream's view of a task takes the row."""
     if task.status == "failed":
+        if task.fault is Fault.UPSTREAM:  # about capacity: another upstream may make it
+            moved = move_on(row, alternative, guard, why=task.error or "", now=now, limits=limits)
+            if moved is not None:
+                return replace(moved, hand=hand)
+        # the request's (its safety system), or not known: failed in the upstream's words
         return fail(ErrorCode.UPSTREAM, guard, error=task.error)
     if task.status == "completed":
         if not task.image_url or not task.image_url.startswith(("http://", "https://")):

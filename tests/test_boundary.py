@@ -470,8 +470,7 @@ def test_failing_chat_and_readiness_probes_never_block_generation(tmp_path, upst
             answer = running.http.get("/readyz")
             assert answer.status_code == 200, answer.text
             assert answer.json()["data"]["chat"] == "unavailable"
-            running.service._ready_at = -60.0  # ask again, do not reuse the cached answer
-            running.service._chat_checked_at = -60.0
+            running.service.readiness.forget()  # ask again, do not reuse the cached answer
         for _ in range(10):
             assert enhance(running).status_code in (502, 503)
         check_in(running)
@@ -533,7 +532,7 @@ def test_a_full_disk_is_not_ready_charges_nothing_and_leaves_no_empty_files(
             assert leftovers == []
         finally:
             filler.unlink()
-        running.service._ready_at = -60.0
+        running.service.readiness.forget()
         assert running.http.get("/readyz").status_code == 200
         assert balance(running) == 10
         assert audit(running).ok

@@ -153,14 +153,17 @@ def test_a_body_that_is_not_json_is_400(service, upstream):
     assert chat_requests(upstream) == []
 
 
-def test_without_an_upstream_enhancement_is_503(tmp_path, logs):
+def test_without_an_upstream_enhancement_is_503_in_its_own_words(tmp_path, logs):
+    """Not "the image service is unavailable": an enhancement failure speaks of itself."""
     with running_service(make_settings(tmp_path, None)) as service:
-        assert_envelope(enhance(service), 503, "upstream_not_configured")
+        body = assert_envelope(enhance(service), 503, "enhance_not_configured")
+    assert "image service" not in body["message"]
+    assert "enhancement" in body["message"]
 
 
 def test_without_a_prompt_model_enhancement_is_503(tmp_path, upstream, logs):
     with running_service(make_settings(tmp_path, upstream, prompt_model="  ")) as service:
-        assert_envelope(enhance(service), 503, "upstream_not_configured")
+        assert_envelope(enhance(service), 503, "enhance_not_configured")
     assert chat_requests(upstream) == []
 
 

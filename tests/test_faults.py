@@ -532,7 +532,7 @@ def open_submit_breaker(running: RunningService, upstream: FakeUpstream) -> None
             break
         assert answer.json()["data"]["status"] == "queued"
     upstream.clear_faults()
-    assert running.service.upstream.http.breakers["submit"].is_open
+    assert running.service.router.client("default").http.breakers["submit"].is_open
 
 
 def test_the_breaker_fails_fast_after_repeated_failures_without_spending(breaker, upstream):
@@ -614,7 +614,7 @@ def test_a_thirty_percent_error_rate_does_not_open_the_breaker(tmp_path, upstrea
             statuses.append(answer.status_code)
         assert statuses.count(200) == 20, statuses
         assert len(upstream.recorded(GENERATIONS)) > 20  # some were retried
-        assert svc.service.upstream.http.breakers["submit"].is_open is False
+        assert svc.service.router.client("default").http.breakers["submit"].is_open is False
 
 
 def test_client_errors_do_not_open_the_breaker(breaker, upstream):
@@ -766,7 +766,10 @@ def test_image_first_byte_and_idle_gap_have_their_own_limits(tmp_path, upstream,
         assert settled(svc, task_id)["status"] == "completed"
         assert len(upstream.recorded(FILES)) == 2  # the first attempt timed out, then one more
         metrics = svc.http.get("/metrics").text
-        assert 'scenemint_upstream_failures_total{kind="image",reason="timeout"} 1.0' in metrics
+        failures = (
+            'scenemint_upstream_failures_total{kind="image",reason="timeout",upstream="default"}'
+        )
+        assert f"{failures} 1.0" in metrics
 
 
 # -- prompt enhancement ------------------------------------------------------------------------
@@ -906,7 +909,7 @@ def test_an_upstream_echoing_our_key_is_redacted_in_logs_and_exceptions(service,
     assert DEFAULT_API_KEY not in answer.text
     assert any("[redacted]" in line for line in logs.lines)
 
-    client = service.service.upstream
+    client = service.service.router.client("default")
     with pytest.raises(UpstreamError) as caught:
         service.run(client.submit_generation(task_id=str(uuid.uuid4()), prompt="a fox", size="1:1"))
     text = "".join(traceback.format_exception(caught.value)) + repr(caught.value)

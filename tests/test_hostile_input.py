@@ -718,4 +718,4 @@ def test_refused_image_origins_do_not_open_the_circuit_breaker(tmp_path, upstrea
             answer = running.http.get(f"/api/images/tasks/{task_id}/image")
             refused(answer)
         assert stranger.seen == []
-        assert running.service.upstream.http.breakers["image"].is_open is False
+        assert running.service.router.client("default").http.breakers["image"].is_open is False

@@ -730,7 +730,7 @@ def test_a_legacy_object_shared_with_a_live_task_outlives_the_expired_one(tmp_pa
                 )
             )
         )
-        service.service._stored_images.clear()
+        service.service.served._stored.clear()
         _age(service, old)
         assert service.run(service.app.state.sweeper.run_once()) == 0
         assert service.http.get(image_url(young)).content == TINY_PNG
@@ -942,7 +942,7 @@ def test_a_failing_disk_keeps_the_charge_safe_and_recovers(small_disk, upstream,
                 remount(small_disk, "rw")
         assert wait_finished(service, task_id, timeout=15)["status"] == "completed"
         assert service.http.get(image_url(task_id)).status_code == 200
-        service.service._ready_at = -60.0
+        service.service.readiness.forget()
         assert service.http.get("/readyz").status_code == 200
         assert balance(service) == 9 and audit(service).ok
 

@@ -231,7 +231,7 @@ def test_jobs_wait_while_our_breaker_is_open_instead_of_being_refunded(tmp_path,
         ids = [generate(running, f"job {i}")["id"] for i in range(7)]
         for task_id in ids[:4]:
             assert wait_finished(running, task_id)["status"] == "failed"
-        assert running.service.upstream.http.breakers["submit"].is_open
+        assert running.service.router.client("default").http.breakers["submit"].is_open
         waiting = running.http.get(f"/api/images/tasks/{ids[4]}").json()["data"]
         assert waiting["status"] == "queued" and waiting["queuePosition"] == 1
         assert (
@@ -370,8 +370,10 @@ def test_a_job_claimed_as_the_server_stops_is_not_sent_but_left_queued(service, 
     svc = service.service
     svc.shutting_down.set()  # what the first stop signal does: the runners claim no more
     task = generate(service)
-    assert service.run(svc.claim_jobs(owner=svc.owner, seconds=30, limit=5)) == []
-    (claimed,) = service.run(svc.store.claim_jobs(owner=svc.owner, seconds=30, limit=5))
+    assert service.run(svc.claim_jobs("default", owner=svc.owner, seconds=30, limit=5)) == []
+    (claimed,) = service.run(
+        svc.store.claim_jobs(upstream="default", owner=svc.owner, seconds=30, limit=5)
+    )
     assert service.run(svc.run_job(claimed)) is None
     after = row(service, task["id"])
     assert after.state == "queued" and after.lease_until <= time.time()
@@ -477,7 +479,11 @@ def test_jobs_left_by_the_openai_kind_are_refunded_after_a_switch_never_spun_on(
 def test_readiness_asks_the_models_with_the_key(service, openai):
     answer = service.http.get("/readyz")
     assert answer.status_code == 200, answer.text
-    assert answer.json()["data"] == {"status": "ready", "chat": "available"}
+    data = answer.json()["data"]
+    assert (data["status"], data["chat"]) == ("ready", "available")
+    assert [(u["name"], u["kind"], u["state"]) for u in data["upstreams"]] == [
+        ("default", "openai", "ready")
+    ]
 
 
 def test_azure_style_keys_go_in_the_api_key_header(tmp_path, openai, logs):

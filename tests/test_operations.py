@@ -70,7 +70,20 @@ def test_healthz_answers_even_without_an_upstream(tmp_path, logs):
 def test_readyz_asks_the_task_api_with_the_key_and_reports_chat(service, upstream):
     answer = service.http.get("/readyz")
     assert answer.status_code == 200, answer.text
-    assert answer.json()["data"] == {"status": "ready", "chat": "available"}
+    data = answer.json()["data"]
+    assert (data["status"], data["chat"]) == ("ready", "available")
+    assert data["upstreams"] == [
+        {
+            "name": "default",
+            "kind": "chatgpt2api",
+            "priority": 1,
+            "weight": 1,
+            "state": "ready",
+            "takesTasks": True,
+            "breakersOpen": [],
+            "chat": "available",
+        }
+    ]
     listing, models = upstream.recorded(LISTING), upstream.recorded(MODELS)
     assert len(listing) == 1 and len(models) == 1
     (probed,) = listing[0].query["ids"].split(",")
@@ -104,7 +117,8 @@ def test_an_unreachable_chat_model_is_reported_not_not_ready(service, upstream):
     upstream.fail(MODELS, status=502)
     answer = service.http.get("/readyz")
     assert answer.status_code == 200, answer.text
-    assert answer.json()["data"] == {"status": "ready", "chat": "unavailable"}
+    data = answer.json()["data"]
+    assert (data["status"], data["chat"]) == ("ready", "unavailable")
 
 
 def test_readyz_fails_when_the_upstream_is_down(service, upstream):
@@ -116,13 +130,14 @@ def test_readyz_fails_when_the_database_is_unreachable(service, upstream, tmp_pa
     """The service's store is swapped for a real one that has been closed."""
     closed = service.run(open_store(make_settings(tmp_path / "elsewhere", None)))
     service.run(closed.close())
-    real = service.service.store
-    service.service.store = closed
+    ledger = service.service.ledger
+    real = ledger.store
+    ledger.store = closed
     try:
         assert_envelope(service.http.get("/readyz"), 503, "not_ready")
         assert service.http.get("/healthz").status_code == 200  # alive, just not ready
     finally:
-        service.service.store = real
+        ledger.store = real
     assert service.http.get("/readyz").status_code == 200
 
 
@@ -313,11 +328,11 @@ def test_json_logs_carry_the_request_id_of_the_answer(process, upstream):
     generate_lines = lines_of(generated.headers["x-request-id"])
     assert any(m.startswith("POST /api/images/generate -> 200") for m in generate_lines)
     assert any(m.startswith("charged ") for m in generate_lines)  # the service's own line
-    assert any(m.startswith("upstream POST submit -> 200") for m in generate_lines)
+    assert any(m.startswith("upstream default POST submit -> 200") for m in generate_lines)
     assert echoed.headers["x-request-id"] == "caller-supplied-1"
     assert any(m.startswith("GET /healthz -> 200") for m in lines_of("caller-supplied-1"))
     failure_lines = lines_of(failed.headers["x-request-id"])
-    assert any("upstream failure" in m for m in failure_lines)
+    assert any("upstream default failure" in m for m in failure_lines)
     assert upstream.api_key not in log
 
 

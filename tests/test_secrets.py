@@ -23,7 +23,8 @@ ACCESS = re.compile(
     r"^INFO scenemint\.access (GET|POST|HEAD) (\S+) -> (\d{3}|aborted) in \d+\.\d ms$"
 )
 UPSTREAM_CALL = re.compile(
-    r"^INFO scenemint\.upstream upstream (GET|POST) (submit|list|image|chat|models) -> (\d{3})"
+    r"^INFO scenemint\.upstream upstream default (GET|POST) (submit|list|image|chat|models)"
+    r" -> (\d{3})"
     r" in \d+\.\d ms$"
 )
 
@@ -134,7 +135,7 @@ def test_the_key_appears_in_no_answer_and_no_log_line(tmp_path, upstream, logs):
     # every request upstream did carry it
     assert upstream.requests
     assert all(r.authorization == f"Bearer {key}" for r in upstream.requests)
-    assert any("upstream failure" in line for line in logs.lines)  # failures were logged
+    assert any("upstream default failure" in line for line in logs.lines)  # failures logged
     assert key not in logs.text()
 
 
@@ -421,7 +422,7 @@ def test_an_upstream_failure_is_logged_with_its_status_and_a_truncated_body(
     )
     assert answer.status_code == 502
     assert "xxx" not in answer.text  # the body is for the log only
-    failures = [line for line in logs.lines if "upstream failure" in line]
+    failures = [line for line in logs.lines if "upstream default failure" in line]
     assert len(failures) == 1
     line = failures[0]
     assert line.startswith("WARNING scenemint.upstream")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import random
 import tempfile
 import uuid
 from contextlib import asynccontextmanager
@@ -45,17 +46,21 @@ from hypothesis.stateful import (
 from scenemint.errors import ScenemintError, UpstreamError
 from scenemint.jobs import copier
 from scenemint.models import TaskListing, UpstreamTask
+from scenemint.poller import TaskPoller
 from scenemint.reconciler import Reconciler
 from scenemint.service import ImageService
 from scenemint.settlement import State
 from scenemint.store import NewTask, SQLStore
+from scenemint.upstream import Chatgpt2Api, Route, Router, UpstreamConfig
+from scenemint.upstream.breaker import BreakerPolicy, CircuitBreaker
 from tests.conftest import POSTGRES_URL, SKIP_POSTGRES, make_settings
 from tests.fake_upstream import TINY_PNG
 
 LEASE = 30.0
 GRACE = 60.0  # an unanswered client may come back with its key for this long
 FINGERPRINTS = ("machine-fp-0001", "machine-fp-0002")
-OUTCOMES = ("created", "refused", "unknown_created", "unknown_lost")
+OUTCOMES = ("created", "refused", "busy", "unknown_created", "unknown_lost")
+UPSTREAMS = ("a", "b")  # priority 1 and 2: a task that "a" cannot take moves on to "b"
 
 
 class Clock:
@@ -76,11 +81,31 @@ class _Image:
         yield data
 
 
-class ModelUpstream:
-    """The upstream as the machine sees it: tasks by id, and how the next submission goes."""
+class _ModelHTTP:
+    """What the service reads of an upstream's HTTP side: its name, its breakers."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.settings = None
+        self.config = None
+        self.root = f"http://{name}.invalid"
+        self.breakers = {
+            op: CircuitBreaker(f"{name} {op}", BreakerPolicy(min_calls=10_000))
+            for op in ("submit", "list", "image", "chat")
+        }
+
+
+class ModelUpstream(Chatgpt2Api):
+    """One upstream as the machine sees it: tasks by id, and how the next submission goes.
+
+    Outcomes of a submission: created; refused (400: the request's fault); busy (429: not
+    created, the upstream's fault: the task may move on); unknown_created / unknown_lost (a
+    504 after the task was or was not created)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(_ModelHTTP(name))  # type: ignore[arg-type]
         self.tasks: dict[str, str] = {}  # id -> queued | running | completed | failed
+        self.errors: dict[str, str] = {}  # id -> the error of a failed task
         self.next_outcome = "created"
         self.lost_images: set[str] = set()  # finished tasks whose image it no longer has
         self.downloads: dict[str, int] = {}
@@ -93,15 +118,14 @@ class ModelUpstream:
             raise UpstreamError(detail="image: HTTP 404", upstream_status=404, reason="http_4xx")
         yield _Image(TINY_PNG)
 
-    def check_submit(self) -> None:
-        return None  # no breaker in the model
-
     async def submit_generation(
         self, *, task_id: str, prompt: str, size: str, time_limit: float | None = None
     ) -> UpstreamTask:
         outcome = self.next_outcome
         if outcome == "refused":
             raise UpstreamError(detail="HTTP 400", upstream_status=400, reason="http_4xx")
+        if outcome == "busy":
+            raise UpstreamError(detail="HTTP 429", upstream_status=429, reason="http_4xx")
         if outcome in ("created", "unknown_created"):
             self.tasks.setdefault(task_id, "queued")
         if outcome.startswith("unknown"):
@@ -114,8 +138,10 @@ class ModelUpstream:
 
     def _task(self, task_id: str) -> UpstreamTask:
         status = self.tasks[task_id]
-        url = f"http://up/{task_id}" if status == "completed" else None
-        return UpstreamTask(id=task_id, status=status, mode="text", image_url=url)
+        url = f"http://{self.name}/{task_id}" if status == "completed" else None
+        return UpstreamTask(
+            id=task_id, status=status, mode="text", image_url=url, error=self.errors.get(task_id)
+        )
 
 
 @dataclass
@@ -147,7 +173,7 @@ class SettlementMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
-        self.upstream = ModelUpstream()
+        self.upstreams = {name: ModelUpstream(name) for name in UPSTREAMS}
         self.model = Model()
         self.tmp = Path(tempfile.mkdtemp(prefix="machine-"))
         self.counter = itertools.count()
@@ -171,7 +197,16 @@ class SettlementMachine(RuleBasedStateMachine):
         )
         for _ in range(2):
             store = self.run(SQLStore.open(settings.resolved_database_url(), clock=self.clock))
-            service = ImageService(settings=settings, store=store, upstream=self.upstream)
+            routes = []
+            for priority, (name, model) in enumerate(self.upstreams.items(), 1):
+                config = UpstreamConfig(
+                    name=name, base_url=model.root, api_key="k", priority=priority
+                )
+                route = Route(config, model)
+                route.poller = TaskPoller(route.list_tasks)
+                routes.append(route)
+            router = Router(routes, rng=random.Random(0))
+            service = ImageService(settings=settings, store=store, router=router)
             self.instances.append((service, Reconciler(service)))
             self.copiers.append(copier(service))
         for fingerprint in FINGERPRINTS:
@@ -191,13 +226,21 @@ class SettlementMachine(RuleBasedStateMachine):
         self.model.keys[(fingerprint, key)] = prompt
         return key, prompt
 
+    def _outcomes(self, first: str, second: str) -> None:
+        """How the next submission goes at each upstream."""
+        self.upstreams["a"].next_outcome = first
+        self.upstreams["b"].next_outcome = second
+
     @rule(
-        who=st.integers(0, 1), fp=st.sampled_from(FINGERPRINTS), outcome=st.sampled_from(OUTCOMES)
+        who=st.integers(0, 1),
+        fp=st.sampled_from(FINGERPRINTS),
+        outcome=st.sampled_from(OUTCOMES),
+        then=st.sampled_from(OUTCOMES),
     )
-    def generate(self, who: int, fp: str, outcome: str) -> None:
+    def generate(self, who: int, fp: str, outcome: str, then: str) -> None:
         service = self.instances[who][0]
         key, prompt = self._key(fp)
-        self.upstream.next_outcome = outcome
+        self._outcomes(outcome, then)
         try:
             task = self.run(
                 service.generate(prompt=prompt, size="1:1", fingerprint=fp, idempotency_key=key)
@@ -208,13 +251,16 @@ class SettlementMachine(RuleBasedStateMachine):
         self.model.tasks_by_key.setdefault((fp, key), set()).add(task.id)
 
     @rule(
-        who=st.integers(0, 1), fp=st.sampled_from(FINGERPRINTS), outcome=st.sampled_from(OUTCOMES)
+        who=st.integers(0, 1),
+        fp=st.sampled_from(FINGERPRINTS),
+        outcome=st.sampled_from(OUTCOMES),
+        then=st.sampled_from(OUTCOMES),
     )
-    def crash_before_the_answer_left(self, who: int, fp: str, outcome: str) -> None:
+    def crash_before_the_answer_left(self, who: int, fp: str, outcome: str, then: str) -> None:
         """The outcome was written, then the process died before the answer was sent: the
         client has no task id (and no key to come back with)."""
         service = self.instances[who][0]
-        self.upstream.next_outcome = outcome
+        self._outcomes(outcome, then)
         try:
             delivery = self.run(
                 service.generate_answer(prompt="lost answer", size="1:1", fingerprint=fp)
@@ -250,6 +296,7 @@ class SettlementMachine(RuleBasedStateMachine):
                         lease_seconds=LEASE,
                         idempotency_key=key,
                         request_hash=_hash(prompt),
+                        upstream="a",
                     )
                 )
             )
@@ -257,14 +304,19 @@ class SettlementMachine(RuleBasedStateMachine):
             return multiple()
         self.model.tasks_by_key.setdefault((fp, key), set()).add(task_id)
         if upstream_got_it:
-            self.upstream.tasks[task_id] = "queued"
+            self.upstreams["a"].tasks[task_id] = "queued"
         return Pending(fingerprint=fp, key=key, prompt=prompt)
 
-    @rule(who=st.integers(0, 1), request=consumes(pending), outcome=st.sampled_from(OUTCOMES))
-    def client_comes_back(self, who: int, request: Pending, outcome: str) -> None:
+    @rule(
+        who=st.integers(0, 1),
+        request=consumes(pending),
+        outcome=st.sampled_from(OUTCOMES),
+        then=st.sampled_from(OUTCOMES),
+    )
+    def client_comes_back(self, who: int, request: Pending, outcome: str, then: str) -> None:
         """The client of a crashed request sends it again with the same key."""
         service = self.instances[who][0]
-        self.upstream.next_outcome = outcome
+        self._outcomes(outcome, then)
         try:
             task = self.run(
                 service.generate(
@@ -295,14 +347,20 @@ class SettlementMachine(RuleBasedStateMachine):
         self.run(reconciler.run_once())
         self.run(reconciler.wait_resubmissions())
 
-    @rule(pick=st.integers(0, 10_000), status=st.sampled_from(["running", "completed", "failed"]))
-    def upstream_progress(self, pick: int, status: str) -> None:
-        unfinished = [
-            i for i, s in sorted(self.upstream.tasks.items()) if s in ("queued", "running")
-        ]
+    @rule(
+        at=st.sampled_from(UPSTREAMS),
+        pick=st.integers(0, 10_000),
+        status=st.sampled_from(["running", "completed", "failed", "out_of_quota"]),
+    )
+    def upstream_progress(self, at: str, pick: int, status: str) -> None:
+        upstream = self.upstreams[at]
+        unfinished = [i for i, s in sorted(upstream.tasks.items()) if s in ("queued", "running")]
         if unfinished:
             task_id = unfinished[pick % len(unfinished)]
-            self.upstream.tasks[task_id] = status
+            if status == "out_of_quota":  # a late failure about capacity: it may move on
+                status = "failed"
+                upstream.errors[task_id] = "no available image quota"
+            upstream.tasks[task_id] = status
             row = self.run(self.instances[0][0].store.get_task(task_id))
             # completing after we gave up on it (the age limit) is too late: it was refunded
             if status == "completed" and not (row is not None and row.refunded):
@@ -314,23 +372,23 @@ class SettlementMachine(RuleBasedStateMachine):
         self.run(workers.run_once())
         self.run(workers.idle())
 
-    @rule(pick=st.integers(0, 10_000))
-    def upstream_loses_an_image(self, pick: int) -> None:
-        finished = sorted(i for i, s in self.upstream.tasks.items() if s == "completed")
+    @rule(at=st.sampled_from(UPSTREAMS), pick=st.integers(0, 10_000))
+    def upstream_loses_an_image(self, at: str, pick: int) -> None:
+        upstream = self.upstreams[at]
+        finished = sorted(i for i, s in upstream.tasks.items() if s == "completed")
         if finished:
             task_id = finished[pick % len(finished)]
-            self.upstream.lost_images.add(task_id)
+            upstream.lost_images.add(task_id)
             row = self.run(self.instances[0][0].store.get_task(task_id))
             if row is None or row.image_key is None:  # not copied yet: it may never be
                 self.model.unreachable_images.add(task_id)
 
-    @rule(pick=st.integers(0, 10_000))
-    def upstream_forgets(self, pick: int) -> None:
-        unfinished = [
-            i for i, s in sorted(self.upstream.tasks.items()) if s in ("queued", "running")
-        ]
+    @rule(at=st.sampled_from(UPSTREAMS), pick=st.integers(0, 10_000))
+    def upstream_forgets(self, at: str, pick: int) -> None:
+        upstream = self.upstreams[at]
+        unfinished = [i for i, s in sorted(upstream.tasks.items()) if s in ("queued", "running")]
         if unfinished:
-            del self.upstream.tasks[unfinished[pick % len(unfinished)]]
+            del upstream.tasks[unfinished[pick % len(unfinished)]]
 
     @rule(seconds=st.sampled_from([1.0, LEASE + 1, LEASE + GRACE + 1, 700.0, 2000.0]))
     def time_passes(self, seconds: float) -> None:
@@ -342,14 +400,15 @@ class SettlementMachine(RuleBasedStateMachine):
     @rule(who=st.integers(0, 1))
     def settle(self, who: int) -> None:
         """One lease period, the grace and one round later, nothing unanswered stays charged."""
-        self.upstream.next_outcome = "created"
+        self._outcomes("created", "created")
         self.clock.now += LEASE + GRACE + 1
         self.reconcile(who)
         for row in self._rows():
             if row.id not in self.model.received:
                 assert row.state == State.FAILED and row.refunded, row
-            elif row.id not in self.upstream.tasks:
-                assert row.refunded or row.state == State.COMPLETED, row
+            elif not any(row.id in upstream.tasks for upstream in self.upstreams.values()):
+                # nowhere made: refunded, or (moved on) waiting to be sent where it now is
+                assert row.refunded or row.state in (State.COMPLETED, State.SUBMITTING), row
 
     # -- invariants ---------------------------------------------------------------------------
 
@@ -371,19 +430,30 @@ class SettlementMachine(RuleBasedStateMachine):
                 assert not row.refunded, row
 
     @invariant()
-    def a_completed_task_has_its_image_and_it_was_downloaded_once(self) -> None:
+    def a_completed_task_has_its_image_from_its_upstream_downloaded_once(self) -> None:
         for row in self._rows():
-            if row.state == State.COMPLETED:
-                assert row.image_key is not None, row
-                assert self.upstream.downloads.get(row.id, 0) >= 1
-        for task_id, count in self.upstream.downloads.items():
-            row = self.run(self.instances[0][0].store.get_task(task_id))
-            if (
-                row is not None
-                and row.state == State.COMPLETED
-                and task_id not in (self.upstream.lost_images)
-            ):
-                assert count == 1, (task_id, count)
+            if row.state != State.COMPLETED:
+                continue
+            assert row.image_key is not None, row
+            upstream = self.upstreams[row.upstream]
+            assert upstream.downloads.get(row.id, 0) >= 1
+            if row.id not in upstream.lost_images:
+                assert upstream.downloads[row.id] == 1, (row.id, upstream.downloads[row.id])
+            for other in self.upstreams.values():  # at most one upstream's image, ever
+                if other is not upstream:
+                    assert other.downloads.get(row.id, 0) == 0, (row.id, other.name)
+
+    @invariant()
+    def at_most_one_upstream_makes_a_task(self) -> None:
+        """Never paid twice: a task moves on only once the upstream it left can no longer
+        make it (failed there, lost there, or never taken)."""
+        for task_id in self._ids():
+            making = [
+                name
+                for name, upstream in self.upstreams.items()
+                if upstream.tasks.get(task_id) in ("queued", "running", "completed")
+            ]
+            assert len(making) <= 1, (task_id, making)
 
     @invariant()
     def no_key_names_two_tasks(self) -> None:
@@ -398,15 +468,12 @@ class SettlementMachine(RuleBasedStateMachine):
         store = self.instances[0][0].store
         return [self.run(store.get_task(task_id)) for task_id in self._ids()]
 
-    def _unfinished_upstream(self) -> list[str]:
-        return [i for i, s in sorted(self.upstream.tasks.items()) if s in ("queued", "running")]
-
     def _ids(self) -> list[str]:
         return sorted({i for ids in self.model.tasks_by_key.values() for i in ids})
 
 
 def _hash(prompt: str) -> str:
-    from scenemint.service import _request_hash
+    from scenemint.generation import _request_hash
 
     return _request_hash(mode="text", prompt=prompt, size="1:1", reference=None)
 

@@ -26,6 +26,7 @@ from scenemint.errors import (
     UpstreamTimeout,
 )
 from scenemint.store.sql import SQLStore
+from scenemint.upstream.config import load_upstreams
 from scenemint.upstream.http import UpstreamHTTP
 from scenemint.upstream.sse import SSEError
 
@@ -67,7 +68,8 @@ def test_the_upstream_boundary_translates(raised, reason, kind, ambiguous) -> No
             upstream_base_url="http://127.0.0.1:1",
             upstream_api_key="k-translation-test-key",
         )
-        http = UpstreamHTTP.open(settings)
+        (upstream,) = load_upstreams(settings)
+        http = UpstreamHTTP.open(settings, upstream)
         try:
             with (
                 pytest.raises(UpstreamError) as caught,

@@ -17,11 +17,14 @@ from ..config import Settings
 from ..errors import ImageStoreUnavailable, UpstreamError
 from ..metrics import Metrics
 from ..settlement import ErrorCode, FetchFailed, ImageRecord, Refused, Stored
-from ..upstream import Upstream
+from ..upstream.chatgpt2api import Chatgpt2Api
+from ..upstream.openai import OpenAIImages
 from .base import ImageStore, key_for
 from .verify import ImageInfo, NotAnImage, verify_image
 
 log = logging.getLogger("scenemint.images")
+
+Upstream = Chatgpt2Api | OpenAIImages
 
 _KEEP_PAUSE = 0.5  # seconds before storing a sync answer's bytes again; doubled, up to:
 _KEEP_PAUSE_MAX = 30.0
@@ -30,20 +33,22 @@ _KEEP_PAUSE_MAX = 30.0
 class ImageCopier:
     """Copies and keeps task images; one per service, sharing the upstream's session."""
 
-    def __init__(
-        self, *, settings: Settings, images: ImageStore, metrics: Metrics, upstream: Upstream
-    ) -> None:
+    def __init__(self, *, settings: Settings, images: ImageStore, metrics: Metrics) -> None:
         self.settings = settings
         self.images = images
         self.metrics = metrics
-        self.upstream = upstream
 
-    async def copy(self, task_id: str, url: str | None) -> Stored | FetchFailed:
-        """One attempt at copying the image at `url`, within `SCENEMINT_IMAGE_DEADLINE`."""
+    async def copy(
+        self, task_id: str, url: str | None, upstream: Upstream | None
+    ) -> Stored | FetchFailed:
+        """One attempt at copying the image at `url`, within `SCENEMINT_IMAGE_DEADLINE`, from
+        the upstream that made it (with that upstream's origin, image hosts and key)."""
         if not url:
             return FetchFailed("no image URL")
+        if upstream is None:
+            return FetchFailed("its upstream cannot be reached from here")
         try:
-            data = await self._download(url, task_id)
+            data = await self._download(url, task_id, upstream)
             info = await asyncio.to_thread(verify_image, data)
         except UpstreamError as exc:
             self.metrics.image_copy_failures.labels("download").inc()
@@ -91,11 +96,11 @@ class ImageCopier:
         self.metrics.image_copies.inc()
         return Stored(_record(key, data, info), revised_prompt)
 
-    async def _download(self, url: str, task_id: str) -> bytes:
+    async def _download(self, url: str, task_id: str, upstream: Upstream) -> bytes:
         """The bytes of an image URL (an `image/*` answer), capped in size and time."""
         deadline = asyncio.get_running_loop().time() + self.settings.image_deadline
         limit = self.settings.max_image_bytes
-        async with self.upstream.open_image(url, deadline=deadline) as response:
+        async with upstream.open_image(url, deadline=deadline) as response:
             declared = (response.content_type or "").split(";")[0].strip().lower()
             if not declared.startswith("image/"):
                 raise UpstreamError(

@@ -6,6 +6,7 @@ from ..config import Settings
 from .base import (
     CAP,
     DAILY_GRANT,
+    Attempt,
     AuditReport,
     Charge,
     KeyInUse,
@@ -14,12 +15,14 @@ from .base import (
     QuotaStatus,
     QuotaStore,
     Store,
+    UpstreamCounts,
 )
 from .sql import SQLStore
 
 __all__ = [
     "CAP",
     "DAILY_GRANT",
+    "Attempt",
     "AuditReport",
     "Charge",
     "KeyInUse",
@@ -29,6 +32,7 @@ __all__ = [
     "QuotaStore",
     "SQLStore",
     "Store",
+    "UpstreamCounts",
     "open_store",
 ]
 

@@ -55,6 +55,16 @@ class NewTask:
     idempotency_key: str | None = None
     request_hash: str | None = None
     kind: str = "task"  # "task": an async task API's; "sync": a job our runners send
+    upstream: str = "default"  # the upstream it is sent to
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """An upstream a task left for another, and why."""
+
+    upstream: str
+    why: str
+    at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +103,13 @@ class LedgerTask:
     fetch_error: str | None = None
     kind: str = "task"
     sent_at: float | None = None
+    upstream: str = "default"  # the upstream that holds it
+    attempts: tuple[Attempt, ...] = ()  # the upstreams it left before, in order
+
+    @property
+    def tried(self) -> tuple[str, ...]:
+        """Every upstream this task was sent to (or queued for), the current one last."""
+        return (*(attempt.upstream for attempt in self.attempts), self.upstream)
 
     @property
     def finished(self) -> bool:
@@ -117,6 +134,13 @@ class KeyInUse(Exception):
     def __init__(self, task: LedgerTask) -> None:
         super().__init__(f"idempotency key in use by task {task.id}")
         self.task = task
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCounts:
+    in_flight: int = 0
+    completed: int = 0
+    failed: int = 0
 
 
 @dataclass(slots=True)
@@ -181,13 +205,16 @@ class Store(QuotaStore, Protocol):
         on PostgreSQL several instances claim side by side (`FOR UPDATE SKIP LOCKED`)."""
         ...
 
-    async def claim_jobs(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
-        """Lease up to `limit` queued sync jobs nobody holds, oldest first (handed only: a
-        job is the client's before it runs); several instances side by side on PostgreSQL."""
+    async def claim_jobs(
+        self, *, upstream: str, owner: str, seconds: float, limit: int
+    ) -> list[LedgerTask]:
+        """Lease up to `limit` queued sync jobs of `upstream` nobody holds, oldest first
+        (handed only: a job is the client's before it runs); several instances side by side
+        on PostgreSQL."""
         ...
 
     async def queue_position(self, row: LedgerTask) -> int:
-        """1 + how many queued sync jobs were created before `row`."""
+        """1 + how many queued sync jobs of its upstream were created before `row`."""
         ...
 
     async def claim_legacy_copy(
@@ -237,6 +264,18 @@ class Store(QuotaStore, Protocol):
     async def reference_dropped(self, task_id: str) -> None: ...
 
     async def audit(self) -> AuditReport: ...
+
+    async def remember_upstreams(self, described: dict[str, str]) -> None:
+        """Keep the (non-secret) description of each configured upstream, by name."""
+        ...
+
+    async def remembered_upstreams(self) -> dict[str, str]:
+        """name -> description of every upstream ever configured."""
+        ...
+
+    async def upstream_counts(self, *, since: float) -> dict[str, UpstreamCounts]:
+        """Per upstream: tasks unfinished now, completed and failed since `since`."""
+        ...
 
     async def ping(self) -> None: ...
 

@@ -132,6 +132,22 @@ _V6 = [
 ]
 
 
+# several upstreams: a row names the upstream that holds it (rows made before: `default`) and
+# the ones it left, and why (JSON); the non-secret description of every upstream configured,
+# so that one removed from the file while it holds tasks can still be asked about them
+_V7 = [
+    "ALTER TABLE tasks ADD COLUMN upstream TEXT NOT NULL DEFAULT 'default'",
+    "ALTER TABLE tasks ADD COLUMN attempts TEXT",
+    "DROP INDEX tasks_jobs",
+    "CREATE INDEX tasks_jobs ON tasks (upstream, created_at)"
+    " WHERE kind = 'sync' AND state = 'queued'",
+    "CREATE INDEX tasks_finished_at ON tasks (upstream, updated_at)"
+    " WHERE state IN ('completed', 'failed')",
+    "CREATE TABLE upstreams (name TEXT PRIMARY KEY, description TEXT NOT NULL,"
+    " seen_at {real} NOT NULL)",
+]
+
+
 def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
     types = _TYPES[dialect]
     return [
@@ -141,4 +157,5 @@ def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
         (4, [statement.format(**types) for statement in _V4]),
         (5, [statement.format(**types) for statement in _V5]),
         (6, [statement.format(**types) for statement in _V6]),
+        (7, [statement.format(**types) for statement in _V7]),
     ]

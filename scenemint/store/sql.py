@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import sqlite3
 import threading
@@ -39,12 +40,14 @@ from ..settlement import UNFINISHED, Decision, Guard, ImageRecord, State
 from .base import (
     CAP,
     DAILY_GRANT,
+    Attempt,
     AuditReport,
     Charge,
     KeyInUse,
     LedgerTask,
     NewTask,
     QuotaStatus,
+    UpstreamCounts,
 )
 from .migrations import migrations_for
 
@@ -58,7 +61,8 @@ _TASK_COLUMNS = (
     " handed_at, idempotency_key, request_hash, image_url, revised_prompt, error_code, error,"
     " reference_path, reference_name, reference_type, created_at, updated_at,"
     " image_key, image_type, image_bytes, image_width, image_height, image_stored_at,"
-    " image_expired_at, upstream_done_at, fetch_attempts, fetch_error, kind, sent_at"
+    " image_expired_at, upstream_done_at, fetch_attempts, fetch_error, kind, sent_at,"
+    " upstream, attempts"
 )
 _UNFINISHED = "('" + "','".join(sorted(UNFINISHED)) + "')"
 _FINISHED = "('completed','failed')"
@@ -535,8 +539,8 @@ class SQLStore:
             created = tx.one(
                 f"INSERT INTO tasks (id, fingerprint, mode, prompt, size, state, version,"
                 " refunded, lease_owner, lease_until, idempotency_key, request_hash,"
-                " reference_path, reference_name, reference_type, created_at, updated_at, kind)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " reference_path, reference_name, reference_type, created_at, updated_at, kind,"
+                " upstream) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 f" RETURNING {_TASK_COLUMNS}",
                 task.id,
                 task.fingerprint,
@@ -554,6 +558,7 @@ class SQLStore:
                 now,
                 now,
                 task.kind,
+                task.upstream,
             )
             assert created is not None
             _journal(tx, task.fingerprint, "charge", 1, task.id, now)
@@ -621,7 +626,11 @@ class SQLStore:
                 image.width if image else None,
                 image.height if image else None,
                 now if image else None,
+                1 if decision.move_to or decision.unsent else 0,
                 now if decision.sent else None,
+                decision.move_to,
+                decision.move_kind,
+                _attempts_after(row, decision, now),
                 now,
                 row.id,
                 row.version,
@@ -646,7 +655,10 @@ class SQLStore:
                 " image_bytes = COALESCE(?, image_bytes), image_width = COALESCE(?, image_width),"
                 " image_height = COALESCE(?, image_height),"
                 " image_stored_at = COALESCE(?, image_stored_at),"
-                " sent_at = COALESCE(?, sent_at), updated_at = ?"
+                # a move to another upstream: nothing of the last one's attempt stays
+                " sent_at = CASE WHEN ? = 1 THEN NULL ELSE COALESCE(?, sent_at) END,"
+                " upstream = COALESCE(?, upstream), kind = COALESCE(?, kind),"
+                " attempts = COALESCE(?, attempts), updated_at = ?"
                 f" WHERE id = ? AND version = ? AND state = ? AND state IN {_UNFINISHED}{guard}"
                 f" RETURNING {_TASK_COLUMNS}",
                 *params,
@@ -734,19 +746,23 @@ class SQLStore:
 
         return await self._call(self._write(run))
 
-    async def claim_jobs(self, *, owner: str, seconds: float, limit: int) -> list[LedgerTask]:
+    async def claim_jobs(
+        self, *, upstream: str, owner: str, seconds: float, limit: int
+    ) -> list[LedgerTask]:
         await self._check_clock()
         now = self.now()
 
         def run(tx: Tx) -> list[LedgerTask]:
             return _claim(
                 tx,
-                "kind = 'sync' AND state = 'queued' AND lease_until <= ? AND handed_at IS NOT NULL",
+                "kind = 'sync' AND state = 'queued' AND upstream = ? AND lease_until <= ?"
+                " AND handed_at IS NOT NULL",
                 order="created_at",
                 owner=owner,
                 until=now + seconds,
                 now=now,
                 limit=limit,
+                params=(upstream,),
             )
 
         return await self._call(self._write(run))
@@ -756,7 +772,8 @@ class SQLStore:
             self._read(
                 lambda tx: tx.one(
                     "SELECT COUNT(*) FROM tasks WHERE kind = 'sync' AND state = 'queued'"
-                    " AND created_at < ?",
+                    " AND upstream = ? AND created_at < ?",
+                    row.upstream,
                     row.created_at,
                 )
             )
@@ -940,6 +957,48 @@ class SQLStore:
     async def audit(self) -> AuditReport:
         return await self._call(self._read(_audit))
 
+    # -- upstreams -------------------------------------------------------------------------
+
+    async def remember_upstreams(self, described: dict[str, str]) -> None:
+        now = self.now()
+
+        def run(tx: Tx) -> None:
+            for name, description in sorted(described.items()):
+                tx.run(
+                    "INSERT INTO upstreams (name, description, seen_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT (name) DO UPDATE SET description = excluded.description,"
+                    " seen_at = excluded.seen_at",
+                    name,
+                    description,
+                    now,
+                )
+
+        await self._call(self._write(run))
+
+    async def remembered_upstreams(self) -> dict[str, str]:
+        rows = await self._call(
+            self._read(lambda tx: tx.all("SELECT name, description FROM upstreams"))
+        )
+        return {str(name): str(description) for name, description in rows}
+
+    async def upstream_counts(self, *, since: float) -> dict[str, UpstreamCounts]:
+        def run(tx: Tx) -> dict[str, UpstreamCounts]:
+            counts: dict[str, dict[str, int]] = {}
+            for upstream, total in tx.all(
+                f"SELECT upstream, COUNT(*) FROM tasks WHERE state IN {_UNFINISHED}"
+                " GROUP BY upstream"
+            ):
+                counts.setdefault(str(upstream), {})["in_flight"] = int(total)
+            for upstream, state, total in tx.all(
+                "SELECT upstream, state, COUNT(*) FROM tasks"
+                f" WHERE state IN {_FINISHED} AND updated_at >= ? GROUP BY upstream, state",
+                since,
+            ):
+                counts.setdefault(str(upstream), {})[str(state)] = int(total)
+            return {name: UpstreamCounts(**found) for name, found in counts.items()}
+
+        return await self._call(self._read(run))
+
 
 def _describe(exc: BaseException) -> str:
     """A driver error in one line (its text may hold a path or a statement, not a secret)."""
@@ -948,9 +1007,17 @@ def _describe(exc: BaseException) -> str:
 
 
 def _claim(
-    tx: Tx, where: str, *, order: str, owner: str, until: float, now: float, limit: int
+    tx: Tx,
+    where: str,
+    *,
+    order: str,
+    owner: str,
+    until: float,
+    now: float,
+    limit: int,
+    params: tuple[Any, ...] = (),
 ) -> list[LedgerTask]:
-    """Lease up to `limit` rows matching `where` (one `?`: now), in `order`.
+    """Lease up to `limit` rows matching `where` (its `?`s: `params`, then now), in `order`.
 
     On PostgreSQL the rows are picked once, in a materialized CTE with `FOR UPDATE SKIP
     LOCKED`: in a plain `WHERE id IN (SELECT ... LIMIT n)` the planner may run the
@@ -963,6 +1030,7 @@ def _claim(
             f" ORDER BY {order} LIMIT ? FOR UPDATE SKIP LOCKED)"
             " UPDATE tasks SET lease_owner = ?, lease_until = ?, version = tasks.version + 1"
             f" FROM picked WHERE tasks.id = picked.id RETURNING {_qualified(_TASK_COLUMNS)}",
+            *params,
             now,
             limit,
             owner,
@@ -975,6 +1043,7 @@ def _claim(
             f" RETURNING {_TASK_COLUMNS}",
             owner,
             until,
+            *params,
             now,
             limit,
         )
@@ -1044,7 +1113,31 @@ def _ledger_task(row: Sequence[Any]) -> LedgerTask:
         fetch_error=row[31],
         kind=row[32],
         sent_at=_float_or_none(row[33]),
+        upstream=row[34],
+        attempts=_attempts(row[35]),
     )
+
+
+def _attempts(text: Any) -> tuple[Attempt, ...]:
+    """The upstreams a row left (JSON written by `_attempts_after`)."""
+    if not text:
+        return ()
+    return tuple(
+        Attempt(upstream=str(item["upstream"]), why=str(item.get("why", "")), at=float(item["at"]))
+        for item in json.loads(text)
+    )
+
+
+def _attempts_after(row: LedgerTask, decision: Decision, now: float) -> str | None:
+    """The attempts of `row` once `decision` moved it on (None: it does not move)."""
+    if not decision.move_to:
+        return None
+    left = [
+        {"upstream": attempt.upstream, "why": attempt.why, "at": attempt.at}
+        for attempt in row.attempts
+    ]
+    left.append({"upstream": row.upstream, "why": decision.moved or "", "at": now})
+    return json.dumps(left, ensure_ascii=False)
 
 
 def _int_or_none(value: Any) -> int | None:

@@ -39,8 +39,10 @@ class CircuitBreaker:
         policy: BreakerPolicy,
         *,
         clock: Callable[[], float] = time.monotonic,
+        on_change: Callable[[bool], object] | None = None,
     ) -> None:
         self.operation = operation
+        self._on_change = on_change  # told True when it opens, False when it closes
         self._policy = policy
         self._clock = clock
         self._calls: deque[tuple[float, bool]] = deque()
@@ -67,6 +69,8 @@ class CircuitBreaker:
             if ok:
                 self._half_open = False
                 self._reset()
+                if self._on_change is not None:
+                    self._on_change(False)
             else:
                 self._open(now)
             return
@@ -98,6 +102,8 @@ class CircuitBreaker:
         self._open_until = now + self._policy.cooldown
         self._half_open = True
         self._reset()
+        if self._on_change is not None:
+            self._on_change(True)
 
     def _reset(self) -> None:
         self._calls.clear()

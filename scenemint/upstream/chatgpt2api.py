@@ -24,6 +24,7 @@ from ..config import Settings
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..models import TaskListing, UpstreamTask
+from .config import UpstreamConfig
 from .http import ImageResponse, UpstreamHTTP, encode_multipart
 
 
@@ -35,11 +36,15 @@ class Chatgpt2Api:
     def __init__(self, http: UpstreamHTTP) -> None:
         self.http = http
         self.settings = http.settings
+        self.config = http.config
+        self.name = http.name
         self.root = http.root
 
     @classmethod
-    def open(cls, settings: Settings, *, metrics: Metrics | None = None) -> Chatgpt2Api:
-        return cls(UpstreamHTTP.open(settings, metrics=metrics))
+    def open(
+        cls, settings: Settings, upstream: UpstreamConfig, *, metrics: Metrics | None = None
+    ) -> Chatgpt2Api:
+        return cls(UpstreamHTTP.open(settings, upstream, metrics=metrics))
 
     async def close(self) -> None:
         await self.http.close()
@@ -57,7 +62,7 @@ class Chatgpt2Api:
         body = {
             "client_task_id": task_id,
             "prompt": prompt,
-            "model": self.settings.image_model,
+            "model": self.config.image_model,
             "size": size,
         }
         answer = await self.http.call_json(
@@ -85,7 +90,7 @@ class Chatgpt2Api:
         fields = {
             "client_task_id": task_id,
             "prompt": prompt,
-            "model": self.settings.image_model,
+            "model": self.config.image_model,
             "size": size,
         }
         body, multipart_type = encode_multipart(

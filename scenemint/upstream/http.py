@@ -4,14 +4,16 @@
 breaker per operation, and the translation of every exception those libraries raise into an
 `UpstreamError` kind (see `translated`). Nothing else in the package calls aiohttp.
 
-Every request to the upstream's own origin carries `Authorization: Bearer <key>`; the key
-never goes to any other origin (an image host) and never into a log line or an error:
-`redact` scrubs it from anything we log, before anything is cut to length.
+Every request to an upstream's own origin carries its key (`Authorization: Bearer <key>`,
+or Azure's `api-key`); the key never goes to any other origin (an image host) and never into
+a log line or an error: `redact` scrubs it from anything we log, before anything is cut to
+length. Every call is logged and counted with the upstream's name (never its URL or key).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
@@ -33,7 +35,8 @@ from ..errors import UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..metrics import Metrics
 from ..models import clean_text
 from .breaker import BreakerPolicy, CircuitBreaker
-from .secrets import KeyRedactor
+from .config import UpstreamConfig
+from .secrets import REDACTED, KeyRedactor
 from .sse import SSEDecoder, SSEError
 
 log = logging.getLogger("scenemint.upstream")
@@ -85,8 +88,24 @@ def origin_of(url: str) -> str | None:
     return f"{parts.scheme}://{parts.hostname.lower()}:{port}"
 
 
+def new_session(settings: Settings) -> aiohttp.ClientSession:
+    """The pooled keep-alive session of the process (create inside a running loop): every
+    upstream's calls share it."""
+    connector = aiohttp.TCPConnector(
+        limit=settings.upstream_pool_size, keepalive_timeout=30, ttl_dns_cache=300
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        trust_env=False,
+        auto_decompress=True,
+    )
+
+
 class UpstreamHTTP:
-    """The pooled session, the key, the breakers and the translation. `open()`, `close()`."""
+    """One upstream's calls: its key, its breakers, its metrics and log lines (by its name),
+    the translation. On a session shared with the other upstreams (`open()` makes one of its
+    own, closed by `close()`)."""
 
     OPERATIONS = ("submit", "list", "image", "chat")
 
@@ -94,21 +113,26 @@ class UpstreamHTTP:
         self,
         *,
         settings: Settings,
+        upstream: UpstreamConfig,
         session: aiohttp.ClientSession,
         metrics: Metrics | None = None,
+        owns_session: bool = False,
     ) -> None:
-        root, key = settings.upstream_root, settings.api_key
-        if root is None or key is None:
-            raise ValueError("the upstream base URL and key are both required")
+        key = upstream.key
+        if key is None:
+            raise ValueError(f"upstream {upstream.name}: its key is required")
         self.settings = settings
-        self.root = root
+        self.config = upstream
+        self.name = upstream.name
+        self.root = upstream.root
         self._session = session
+        self._owns_session = owns_session
         self._key = key
         self._key_bytes = key.encode()
         self.secrets = KeyRedactor([key])
-        self.origin = origin_of(root)
+        self.origin = origin_of(self.root)
         self.metrics = metrics or Metrics()
-        image_origins = {self.origin} | {origin_of(host) for host in settings.image_hosts}
+        image_origins = {self.origin} | {origin_of(host) for host in upstream.image_hosts}
         self.image_origins = {origin for origin in image_origins if origin is not None}
         policy = BreakerPolicy(
             failure_rate=settings.breaker_failure_rate,
@@ -116,24 +140,35 @@ class UpstreamHTTP:
             window=settings.breaker_window,
             cooldown=settings.breaker_cooldown,
         )
-        self.breakers = {op: CircuitBreaker(op, policy) for op in self.OPERATIONS}
+        self.breakers = {
+            op: CircuitBreaker(
+                f"{self.name} {op}", policy, on_change=functools.partial(self._breaker_is, op)
+            )
+            for op in self.OPERATIONS
+        }
+        for op in self.OPERATIONS:
+            self._breaker_is(op, False)
+        self._calls: dict[tuple[str, int], Any] = {}  # labelled metric children, kept
+
+    def _breaker_is(self, op: str, is_open: bool) -> None:
+        self.metrics.breaker_open.labels(self.name, op).set(int(is_open))
 
     @classmethod
-    def open(cls, settings: Settings, *, metrics: Metrics | None = None) -> UpstreamHTTP:
-        """One pooled keep-alive session for the process (create inside a running loop)."""
-        connector = aiohttp.TCPConnector(
-            limit=settings.upstream_pool_size, keepalive_timeout=30, ttl_dns_cache=300
+    def open(
+        cls, settings: Settings, upstream: UpstreamConfig, *, metrics: Metrics | None = None
+    ) -> UpstreamHTTP:
+        """One upstream on a session of its own (create inside a running loop)."""
+        return cls(
+            settings=settings,
+            upstream=upstream,
+            session=new_session(settings),
+            metrics=metrics,
+            owns_session=True,
         )
-        session = aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            trust_env=False,
-            auto_decompress=True,
-        )
-        return cls(settings=settings, session=session, metrics=metrics)
 
     async def close(self) -> None:
-        await self._session.close()
+        if self._owns_session:
+            await self._session.close()
 
     def check_breaker(self, operation: str) -> None:
         breaker = self.breakers.get(operation)
@@ -293,7 +328,7 @@ class UpstreamHTTP:
                     chunk = await anext(chunks, None)
                 events = decoder.close() if chunk is None else decoder.feed(chunk)
                 for data in events:
-                    yield data.replace(self._key_bytes, b"[redacted]")
+                    yield data.replace(self._key_bytes, REDACTED.encode())
                 if chunk is None:
                     return
 
@@ -434,9 +469,13 @@ class UpstreamHTTP:
     ) -> UpstreamError:
         if status in (401, 403):
             log.error(
-                "upstream rejected our key (HTTP %s) on %s: check CHATGPT2API_API_KEY", status, op
+                "upstream %s rejected our key (HTTP %s) on %s: check %s",
+                self.name,
+                status,
+                op,
+                self.config.api_key_env or f"the api_key of [[upstream]] {self.name}",
             )
-            self.metrics.upstream_failures.labels(op, "auth").inc()
+            self.metrics.upstream_failures.labels(self.name, op, "auth").inc()
             if counted:
                 self.record(op, ok=False)
             return UpstreamUnavailable(
@@ -471,8 +510,8 @@ class UpstreamHTTP:
         counted: bool = True,
     ) -> UpstreamError:
         detail = self.redact(f"{op}: {detail}")
-        log.warning("upstream failure: %s", detail)
-        self.metrics.upstream_failures.labels(op, reason).inc()
+        log.warning("upstream %s failure: %s", self.name, detail)
+        self.metrics.upstream_failures.labels(self.name, op, reason).inc()
         if counted:
             self.record(op, ok=False)
         error_type = UpstreamTimeout if timeout else UpstreamError
@@ -509,7 +548,7 @@ class UpstreamHTTP:
         return self.secrets.redact(text)
 
     def auth_headers(self) -> dict[str, str]:
-        if self.settings.openai_auth == "api-key":  # Azure OpenAI's key header
+        if self.config.auth == "api-key":  # Azure OpenAI's key header
             return {"api-key": self._key}
         return {"Authorization": f"Bearer {self._key}"}
 
@@ -518,9 +557,15 @@ class UpstreamHTTP:
         return aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout)
 
     def log_call(self, method: str, op: str, status: int, started: float) -> None:
-        self.metrics.upstream_calls.labels(op, str(status)).inc()
+        child = self._calls.get((op, status))
+        if child is None:
+            child = self.metrics.upstream_calls.labels(self.name, op, str(status))
+            if len(self._calls) < 1000:
+                self._calls[(op, status)] = child
+        child.inc()
         log.info(
-            "upstream %s %s -> %s in %.1f ms",
+            "upstream %s %s %s -> %s in %.1f ms",
+            self.name,
             method,
             op,
             status,

@@ -9,11 +9,11 @@ one-api, sub2api...): synchronous generations that our runners send as durable j
 Only the fields named here are sent: gateways refuse parameters they believe a model does
 not support (`response_format` with gpt-image models, for one). An answer carries
 `b64_json` or a short-lived `url`; errors are OpenAI's `{"error": {"message", "type",
-"code"}}`.
+"code"}}`; a refusal (a 4xx) says whether its safety system refused the prompt (`Refusal`).
 
-A synchronous call cannot be asked about later, so it is sent at most once per task. It is
-tried again only after an answer that proves nothing was generated — 429, 503 (the server
-did not take the request), a connection refused — with backoff inside the deadline.
+A synchronous call cannot be asked about later: each method here is one attempt. Whether
+sending it again is safe — an answer proving nothing was generated — is the router's rule
+(`router.judge`), applied by the job runner.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import base64
 import binascii
 import json
 import logging
-import random
 from collections.abc import AsyncIterator, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -33,14 +32,12 @@ from ..config import Settings
 from ..errors import UpstreamError
 from ..metrics import Metrics
 from ..models import clean_text
+from .config import UpstreamConfig
 from .http import ImageResponse, UpstreamHTTP, encode_multipart
 
 log = logging.getLogger("scenemint.upstream")
 
 _MAX_ANSWER_BYTES = 96 * 1024 * 1024  # a base64 PNG of a large image is tens of MiB
-_BACKOFF = 1.0  # seconds before the first retry of a refused send; doubled, jittered
-_BACKOFF_MAX = 20.0
-_NOTHING_GENERATED = frozenset({429, 503})
 # what OpenAI and gateways say when their safety system refuses a prompt
 _POLICY_CODES = frozenset(
     {"content_policy_violation", "moderation_blocked", "content_filter", "safety_violation"}
@@ -61,8 +58,10 @@ class Refusal(UpstreamError):
 
     `policy` is True when its safety system refused the prompt."""
 
-    def __init__(self, *, detail: str, message: str | None, policy: bool) -> None:
-        super().__init__(detail=detail, reason="refused")
+    def __init__(
+        self, *, detail: str, message: str | None, policy: bool, upstream_status: int | None
+    ) -> None:
+        super().__init__(detail=detail, reason="refused", upstream_status=upstream_status)
         self.message = message
         self.policy = policy
 
@@ -75,11 +74,15 @@ class OpenAIImages:
     def __init__(self, http: UpstreamHTTP) -> None:
         self.http = http
         self.settings = http.settings
+        self.config = http.config
+        self.name = http.name
         self.root = http.root
 
     @classmethod
-    def open(cls, settings: Settings, *, metrics: Metrics | None = None) -> OpenAIImages:
-        return cls(UpstreamHTTP.open(settings, metrics=metrics))
+    def open(
+        cls, settings: Settings, upstream: UpstreamConfig, *, metrics: Metrics | None = None
+    ) -> OpenAIImages:
+        return cls(UpstreamHTTP.open(settings, upstream, metrics=metrics))
 
     async def close(self) -> None:
         await self.http.close()
@@ -93,7 +96,7 @@ class OpenAIImages:
     async def generate(self, *, prompt: str, size: str, deadline: float) -> GeneratedImage:
         """One generation (sent again only after an answer proving nothing was made)."""
         body = {
-            "model": self.settings.image_model,
+            "model": self.config.image_model,
             "prompt": prompt,
             "n": 1,
             "size": self._size(size),
@@ -114,7 +117,7 @@ class OpenAIImages:
         deadline: float,
     ) -> GeneratedImage:
         fields = {
-            "model": self.settings.image_model,
+            "model": self.config.image_model,
             "prompt": prompt,
             "n": "1",
             "size": self._size(size),
@@ -129,40 +132,29 @@ class OpenAIImages:
     async def _send(
         self, path: str, *, data: bytes, content_type: str, deadline: float
     ) -> GeneratedImage:
-        loop = asyncio.get_running_loop()
-        attempt = 0
-        while True:
-            attempt += 1
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise UpstreamError(detail="submit: no time left", reason="timeout")
-            try:
-                answer = await self.http.call_json(
-                    "submit",
-                    "POST",
-                    path,
-                    data=data,
-                    content_type=content_type,
-                    time_limit=remaining,
-                    max_bytes=_MAX_ANSWER_BYTES,
-                )
-                return self._image(answer)
-            except UpstreamError as exc:
-                if not nothing_generated(exc):
-                    refusal = _as_refusal(exc)
-                    if refusal is not None:
-                        raise refusal from exc
-                    raise
-                pause = exc.retry_after or min(
-                    _BACKOFF_MAX, _BACKOFF * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-                )
-                if loop.time() + pause >= deadline:
-                    raise
-                log.info("generation not taken (%s): trying again in %.1f s", exc.reason, pause)
-                await asyncio.sleep(pause)
+        """One attempt, within the loop time `deadline`."""
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise UpstreamError(detail="submit: no time left", reason="timeout")
+        try:
+            answer = await self.http.call_json(
+                "submit",
+                "POST",
+                path,
+                data=data,
+                content_type=content_type,
+                time_limit=remaining,
+                max_bytes=_MAX_ANSWER_BYTES,
+            )
+        except UpstreamError as exc:
+            refusal = _as_refusal(exc)
+            if refusal is not None:
+                raise refusal from exc
+            raise
+        return self._image(answer)
 
     def _size(self, size: str) -> str:
-        return self.settings.openai_sizes.get(size) or self.settings.openai_sizes["1:1"]
+        return self.config.sizes.get(size) or self.config.sizes["1:1"]
 
     def _image(self, answer: Any) -> GeneratedImage:
         data = answer.get("data") if isinstance(answer, dict) else None
@@ -210,22 +202,15 @@ class OpenAIImages:
         return self.http.open_sse("chat", "/v1/chat/completions", body)
 
 
-def nothing_generated(exc: UpstreamError) -> bool:
-    """An answer that proves the generation was not made: worth sending again."""
-    if exc.reason == "breaker":
-        return False  # our own breaker: not the upstream's answer
-    if exc.reason == "connect":
-        return True  # refused or unreachable: nothing was sent
-    return exc.upstream_status in _NOTHING_GENERATED
-
-
 def _as_refusal(exc: UpstreamError) -> Refusal | None:
-    """A 4xx of the Images API (but 401/403, our key, and 429): the upstream will not make
-    it, and said why."""
+    """A 4xx of the Images API about the request (not 401/402/403/404/408/429: the upstream's
+    own trouble): the upstream will not make it, and said why."""
     status = exc.upstream_status
-    if status is None or not 400 <= status < 500 or status in (401, 403, 429):
+    if status is None or not 400 <= status < 500 or status in (401, 402, 403, 404, 408, 429):
         return None
     code = (exc.upstream_code or "").lower()
     message = exc.upstream_message or ""
     policy = code in _POLICY_CODES or "safety" in message.lower() or "policy" in code
-    return Refusal(detail=exc.detail, message=message or None, policy=policy)
+    return Refusal(
+        detail=exc.detail, message=message or None, policy=policy, upstream_status=status
+    )

@@ -18,12 +18,11 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..config import Settings
 from ..images import open_image_store
-from ..jobs import Sweeper, copier, runner
+from ..jobs import LeasedWorkers, Sweeper, copier, runners
 from ..metrics import Metrics
 from ..reconciler import Reconciler
-from ..service import ImageService
+from ..service import ImageService, open_router
 from ..store import open_store
-from ..upstream import OpenAIImages, Upstream, open_upstream
 from .envelope import install_error_handlers
 from .fastpath import TaskPollFastPath
 from .middleware import RequestLogMiddleware
@@ -63,39 +62,36 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
                 settings = await _start_demo(stack, settings)
             store = await open_store(settings)
             stack.push_async_callback(store.close)
-            upstream: Upstream | None = None
-            if settings.upstream_configured:
-                upstream = open_upstream(settings, metrics=metrics)
-                stack.push_async_callback(upstream.close)
-            else:
+            router = await open_router(settings, store, metrics)
+            stack.push_async_callback(router.close)
+            if not router:
                 log.warning(
-                    "upstream not configured (CHATGPT2API_BASE_URL / CHATGPT2API_API_KEY):"
-                    " image requests will answer 503"
+                    "no upstream is configured (SCENEMINT_UPSTREAMS_FILE, or CHATGPT2API_BASE_URL"
+                    " and CHATGPT2API_API_KEY): image and enhancement requests will answer 503"
                 )
             images = open_image_store(
                 settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
             )
             stack.push_async_callback(images.close)
             service = ImageService(
-                settings=settings, store=store, upstream=upstream, metrics=metrics, images=images
+                settings=settings, store=store, router=router, metrics=metrics, images=images
             )
             stack.enter_context(_stop_signals(service))
             reconciler = Reconciler(service)
             copies = copier(service)
-            # jobs run only where an OpenAI Images upstream can send them; jobs left queued by
-            # an earlier `openai` configuration are refunded by the reconciler's age rule
-            jobs = runner(service) if isinstance(upstream, OpenAIImages) else None
+            # jobs run where an OpenAI Images upstream can send them, each upstream's its own
+            jobs = runners(service)
             sweeper = Sweeper(service)
-            for job in (reconciler, copies, jobs, sweeper):
-                if job is not None:
-                    job.start()
-                    stack.push_async_callback(job.stop)
+            workers: list[Reconciler | LeasedWorkers | Sweeper] = [reconciler, copies, *jobs]
+            for worker in [*workers, sweeper]:
+                worker.start()
+                stack.push_async_callback(worker.stop)
             # the first thing the shutdown does (also without a signal: tests, embedders)
             stack.callback(service.shutting_down.set)
             app.state.service = service
             app.state.reconciler = reconciler
             app.state.copier = copies
-            app.state.runner = jobs
+            app.state.runners = jobs
             app.state.sweeper = sweeper
             # the lifespan state reaches every connection of the server (web/server.py)
             yield {CLOSED_COUNTER: metrics.connections_closed}
