@@ -121,7 +121,9 @@ class SyncJobs:
                     message = exc.message if isinstance(exc, Refusal) else None
                     code = ErrorCode.CONTENT_POLICY if policy else ErrorCode.REFUSED
                     return Refused(exc.detail, code=code, error=message)
-                if proof.held:  # our breaker opened between attempts: nothing left
+                if proof.held or client.http.breakers["submit"].is_open:
+                    # our breaker is open (these very failures may have opened it): nothing
+                    # left, and nothing will leave until its cool-down: back to the queue
                     return Held(exc.detail)
                 elsewhere = self._ledger.router.alternative(row.tried) is not None
                 pause = proof.retry_after or min(

@@ -518,3 +518,35 @@ def test_b64_answers_decode_to_the_stored_bytes(service, openai):
     done = wait_finished(service, generate(service)["id"])
     stored = service.http.get(done["image"]).content
     assert stored == picture == base64.b64decode(base64.b64encode(picture))
+
+
+def test_a_breaker_opening_between_attempts_puts_the_job_back_unsent(tmp_path, openai, logs):
+    """Issue 18: two 503s (nothing was made) opened our breaker in the middle of a job's
+    attempts; the next attempt was refused by our own breaker and the job was failed and
+    refunded as `submit_refused`. Nothing was sent: it goes back to its queue, not running,
+    and is sent once the cool-down lets calls through."""
+    settings = openai_settings(
+        tmp_path,
+        openai,
+        job_concurrency=1,
+        breaker_min_calls=2,
+        breaker_failure_rate=0.5,
+        breaker_cooldown=2.0,
+    )
+    with running_service(settings) as running:
+        check_in(running)
+        openai.fail_next(503, times=2, code="overloaded")
+        task_id = generate(running)["id"]
+        breaker = running.service.router.client("default").http.breakers["submit"]
+        deadline = time.monotonic() + 10
+        while not breaker.is_open:
+            assert time.monotonic() < deadline, "the breaker never opened"
+            time.sleep(0.02)
+        deadline = time.monotonic() + 5
+        while (held := row(running, task_id)).state != "queued":
+            assert time.monotonic() < deadline, held
+            time.sleep(0.02)
+        assert held.sent_at is None and not held.refunded
+        assert wait_finished(running, task_id, timeout=20)["status"] == "completed"
+        assert len(openai.generations) == 3  # two 503s, then the one that made it
+        assert balance(running) == 9 and audit(running).ok
