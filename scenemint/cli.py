@@ -8,7 +8,7 @@ import os
 import signal
 import time
 from types import FrameType
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -135,6 +135,87 @@ def credits_audit() -> None:
 
     if not asyncio.run(run()):
         raise typer.Exit(1)
+
+
+@app.command("upstreams")
+def upstreams_command(
+    server: Annotated[
+        str | None,
+        typer.Option(
+            "--server",
+            help="A running server (http://host:port): its /metrics gives the breaker states.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Each upstream: kind, priority, weight, state, breakers, tasks in flight and the last
+    hour's success rate (from the configuration, the database and, with --server, /metrics)."""
+    from .store import open_store
+    from .upstream.config import UpstreamsError, load_upstreams
+
+    settings = Settings()
+    try:
+        configs = load_upstreams(settings)
+    except UpstreamsError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    breakers = _breakers_of(server) if server else None
+
+    async def counts() -> dict[str, Any]:
+        store = await open_store(settings)
+        try:
+            return await store.upstream_counts(since=store.now() - 3600)
+        finally:
+            await store.close()
+
+    found = asyncio.run(counts())
+    names = [config.name for config in configs] + sorted(set(found) - {c.name for c in configs})
+    configured = {config.name: config for config in configs}
+    rows = [("upstream", "kind", "priority", "weight", "state", "in flight", "last hour", "open")]
+    for name in names:
+        config = configured.get(name)
+        count = found.get(name)
+        in_flight = count.in_flight if count else 0
+        done = (count.completed + count.failed) if count else 0
+        rate = f"{done} done, {100 * count.completed / done:.0f}% ok" if count and done else "-"
+        if config is None:
+            state = "removed" if in_flight else "gone"
+            kind = priority = weight = "-"
+        else:
+            state = "drained" if config.drain else "active"
+            kind, priority, weight = config.kind, str(config.priority), str(config.weight)
+        opened = "?" if breakers is None else ",".join(sorted(breakers.get(name, ()))) or "-"
+        rows.append((name, kind, priority, weight, state, str(in_flight), rate, opened))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        typer.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)))
+    if breakers is None:
+        typer.echo("(open breakers: ask a running server with --server URL)")
+    if not configs:
+        typer.echo(
+            "no upstream is configured: set SCENEMINT_UPSTREAMS_FILE, or"
+            " CHATGPT2API_BASE_URL and CHATGPT2API_API_KEY"
+        )
+
+
+def _breakers_of(server: str) -> dict[str, set[str]]:
+    """upstream -> its operations whose breaker is open, from a server's /metrics."""
+    import re
+
+    import httpx
+
+    try:
+        text = httpx.get(server.rstrip("/") + "/metrics", timeout=10).text
+    except httpx.HTTPError as exc:
+        typer.echo(f"error: cannot read {server}/metrics: {exc}", err=True)
+        raise typer.Exit(1) from None
+    opened: dict[str, set[str]] = {}
+    pattern = re.compile(r"^scenemint_upstream_breaker_open\{(.*)\} (\S+)$", re.MULTILINE)
+    for labels, value in pattern.findall(text):
+        found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+        if float(value) >= 1 and "upstream" in found:
+            opened.setdefault(found["upstream"], set()).add(found.get("operation", "?"))
+    return opened
 
 
 images_app = typer.Typer(help="The image store: check it against the ledger.")

@@ -450,3 +450,33 @@ def test_two_upstreams_with_one_name_stop_the_service_at_start(tmp_path, pools, 
 def test_an_unknown_id_never_asks_any_upstream(service, pools):
     service.http.get(f"/api/images/tasks/{uuid.uuid4()}")
     assert pools.a.recorded(LISTING) == [] and pools.b.recorded(LISTING) == []
+
+
+def test_scenemint_upstreams_prints_each_upstream_with_its_tasks_and_breakers(
+    tmp_path, pools, logs, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from scenemint.cli import app
+
+    file = upstreams_file(tmp_path / "upstreams.toml", pools)
+    settings = settings_for(tmp_path, file, breaker_min_calls=1, breaker_cooldown=60)
+    with running_service(settings) as running:
+        check_in(running)
+        done = generate(running).json()["data"]["id"]
+        pools.a.complete_task(done)
+        assert finished(running, done)["status"] == "completed"
+        generate(running)  # in flight at pool-a
+        pools.b.fail("/v1/chat/completions", status=500)
+        pools.a.fail("/v1/chat/completions", status=500)
+        running.http.post("/api/prompts/enhance", json={"prompt": "x", "direction": "details"})
+        monkeypatch.setenv("SCENEMINT_UPSTREAMS_FILE", str(file))
+        monkeypatch.setenv("SCENEMINT_DATA_DIR", str(tmp_path / "data"))
+        result = CliRunner().invoke(app, ["upstreams", "--server", running.url])
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:4]}
+    assert lines["pool-a"][1:6] == ["chatgpt2api", "1", "1", "active", "1"]
+    assert "100%" in " ".join(lines["pool-a"]) and lines["pool-a"][-1] == "chat"
+    assert lines["oai"][1:6] == ["openai", "3", "1", "active", "0"]
+    for key in (pools.a.api_key, pools.b.api_key, pools.oai.api_key):
+        assert key not in result.output
