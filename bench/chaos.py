@@ -60,6 +60,7 @@ import os
 import platform
 import random
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -115,6 +116,7 @@ def log_time(at: float) -> str:
 class Config:
     seconds: float = 30.0  # chaos phase
     clients: int = 12
+    upstreams: int = 2  # failing independently; 2: priorities 1, 2; 3: 1, 1, 2
     seed: int | None = None
     kill_every: tuple[float, float] = (2.0, 5.0)
     terminate_every: tuple[float, float] = (1.5, 4.0)
@@ -160,8 +162,9 @@ class ChaosUpstream(FakeUpstream):
     application stay the fake's); "slow after processing" wraps the processed answer.
     """
 
-    def __init__(self, seed: int) -> None:
-        super().__init__()
+    def __init__(self, seed: int, name: str = "default", api_key: str | None = None) -> None:
+        super().__init__(**({"api_key": api_key} if api_key else {}))
+        self.name = name
         self.chaos = False
         self._rng = random.Random(seed)
         self.counts: Counter[str] = Counter()
@@ -227,6 +230,11 @@ class ChaosUpstream(FakeUpstream):
             elif roll < 0.35:
                 name = "slow_after"
                 record.chaos_slow_after = rng.uniform(0.3, 4.5)
+            elif roll < 0.40:  # not taken, the upstream's reason: the task may move on
+                name = "busy_429"
+                chosen = _Fault(
+                    "fail", path, 1, status=429, body=b'{"error":{"message":"busy (chaos)"}}'
+                )
             if rng.random() < 0.10:
                 delay = max(delay, rng.uniform(0.3, 4.5))
                 self.counts["submit.slow_before"] += 1
@@ -304,6 +312,8 @@ class ChaosUpstream(FakeUpstream):
             end = "forget"  # the upstream loses it (restart): missing from listings
         elif roll < 0.25:
             end = "stuck"  # never finishes: the age limit must refund it
+        elif roll < 0.32:
+            end = "quota"  # a late failure about capacity: it may move on
         else:
             end = "success"
         self.fates_started[end] += 1
@@ -338,6 +348,8 @@ class ChaosUpstream(FakeUpstream):
                     self.complete_task(task_id, revised_prompt="chaos")
                 elif fate.end == "error":
                     self.fail_task(task_id, "late failure (chaos)")
+                elif fate.end == "quota":
+                    self.fail_task(task_id, "no available image quota")
                 else:
                     self.forget_task(task_id)
                 self.fates_applied[fate.end] += 1
@@ -816,7 +828,7 @@ class Run:
         """Sleep, but not past the end of the chaos phase."""
         await asyncio.sleep(max(0.0, min(seconds, self.chaos_end - time.time())))
 
-    async def killer(self, upstream: ChaosUpstream) -> None:
+    async def killer(self, upstreams: list[ChaosUpstream]) -> None:
         turn = 0
         while True:
             await self.nap(self.rng.uniform(*self.cfg.kill_every))
@@ -829,6 +841,7 @@ class Run:
                 delay = self.rng.uniform(0.0, 0.015)
                 # mostly at a client without a key: its lost answer cannot be asked again
                 target = " nokey" if self.rng.random() < 2 / 3 else " key"
+                upstream = self.rng.choice(upstreams)
                 hit = await asyncio.to_thread(self.aimed_kill, upstream, delay, target)
                 if hit is None:
                     continue
@@ -862,15 +875,18 @@ class Run:
         time.sleep(delay)
         return victim, victim.kill()
 
-    async def terminator(self, database: Database, upstream: ChaosUpstream) -> None:
+    async def terminator(self, database: Database, upstreams: list[ChaosUpstream]) -> None:
         while True:
             await self.nap(self.rng.uniform(*self.cfg.terminate_every))
             if time.time() >= self.chaos_end:
                 return
             aimed = self.rng.random() < self.cfg.aim_share
             delay = self.rng.uniform(0.0, 0.01)
+            upstream = self.rng.choice(upstreams)
 
-            def terminate(aimed: bool = aimed, delay: float = delay) -> tuple[int, float] | None:
+            def terminate(
+                aimed: bool = aimed, delay: float = delay, upstream: ChaosUpstream = upstream
+            ) -> tuple[int, float] | None:
                 if aimed:  # while the ledger write of an accepted submission is in flight
                     if upstream.next_accepted_answer(timeout=3.0) is None:
                         return None
@@ -898,13 +914,13 @@ class Run:
 
     # -- the whole run --------------------------------------------------------------------
 
-    async def main(self, database: Database, upstream: ChaosUpstream, workdir: Path) -> None:
+    async def main(self, database: Database, upstreams: list[ChaosUpstream], workdir: Path) -> None:
         cfg = self.cfg
         main_task = asyncio.current_task()
         if main_task is not None and threading.current_thread() is threading.main_thread():
             # SIGTERM ends the run like Ctrl-C: the caller stops the instances, drops the db
             asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
-        env = service_env(cfg, database.url, upstream, workdir)
+        env = service_env(cfg, database.url, upstreams, workdir)
         self.instances = [Instance(name, env, workdir) for name in ("a", "b")]
         for instance in self.instances:
             await asyncio.to_thread(instance.start)
@@ -913,22 +929,24 @@ class Run:
         self.chaos_start = time.time()
         self.chaos_end = self.chaos_start + cfg.seconds
         self.settle_deadline = self.chaos_end + cfg.settle_timeout
-        upstream.chaos = True
+        for upstream in upstreams:
+            upstream.chaos = True
         limits = httpx.Limits(max_connections=400, max_keepalive_connections=100)
         tasks = self.clients.tasks
         async with httpx.AsyncClient(limits=limits) as http:
             self.clients.http = http
             try:
                 makers = [
-                    asyncio.create_task(self.killer(upstream)),
-                    asyncio.create_task(self.terminator(database, upstream)),
+                    asyncio.create_task(self.killer(upstreams)),
+                    asyncio.create_task(self.terminator(database, upstreams)),
                 ]
                 tasks.update(makers)
                 tasks.add(asyncio.create_task(self.progress(database)))
                 workers = [self.clients.spawn(self.clients.worker(w)) for w in range(cfg.clients)]
                 await self.nap(self.chaos_end - time.time())
                 await asyncio.gather(*makers)  # a restart may still be running
-                upstream.calm()
+                for upstream in upstreams:
+                    upstream.calm()
                 self.event("calm")
                 say("faults stopped; restarting both instances (SIGTERM) and settling")
                 for instance in self.instances:  # one at a time: clients always have one
@@ -979,13 +997,40 @@ def owner_of_connection(
     return None
 
 
-def service_env(cfg: Config, url: str, upstream: ChaosUpstream, workdir: Path) -> dict[str, str]:
+PRIORITIES = {1: [1], 2: [1, 2], 3: [1, 1, 2]}
+
+
+def upstreams_env(upstreams: list[ChaosUpstream], workdir: Path) -> dict[str, str]:
+    """One upstream: today's variables. Several: an upstreams file (priorities 1, 2 or
+    1, 1, 2), each key in a variable of its own."""
+    if len(upstreams) == 1:
+        return {
+            "CHATGPT2API_BASE_URL": upstreams[0].base_url,
+            "CHATGPT2API_API_KEY": upstreams[0].api_key,
+        }
+    env: dict[str, str] = {}
+    tables = []
+    for upstream, priority in zip(upstreams, PRIORITIES[len(upstreams)], strict=True):
+        variable = f"CHAOS_KEY_{upstream.name.upper().replace('-', '_')}"
+        env[variable] = upstream.api_key
+        tables.append(
+            f'[[upstream]]\nname = "{upstream.name}"\nbase_url = "{upstream.base_url}"\n'
+            f'api_key_env = "{variable}"\npriority = {priority}\n'
+        )
+    file = workdir / "upstreams.toml"
+    file.write_text("\n".join(tables))
+    env["SCENEMINT_UPSTREAMS_FILE"] = str(file)
+    return env
+
+
+def service_env(
+    cfg: Config, url: str, upstreams: list[ChaosUpstream], workdir: Path
+) -> dict[str, str]:
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {
         **os.environ,
         "PYTHONPATH": pythonpath,  # this checkout's scenemint, whatever is installed
-        "CHATGPT2API_BASE_URL": upstream.base_url,
-        "CHATGPT2API_API_KEY": upstream.api_key,
+        **upstreams_env(upstreams, workdir),
         "SCENEMINT_DATABASE_URL": url,
         "SCENEMINT_DATA_DIR": str(workdir / "data"),  # shared: edits can be resubmitted
         "SCENEMINT_LEASE_SECONDS": f"{cfg.lease_seconds:g}",
@@ -1040,7 +1085,7 @@ def run_audit(url: str, workdir: Path) -> tuple[int, str]:
 
 TASK_COLUMNS = (
     "id, fingerprint, state, error_code, error, refunded, version, lease_owner, lease_until,"
-    " handed_at, idempotency_key, prompt, mode, created_at, updated_at"
+    " handed_at, idempotency_key, prompt, mode, created_at, updated_at, upstream, attempts"
 )
 
 
@@ -1063,10 +1108,22 @@ def read_ledger(database: Database) -> dict[str, Any]:
     return {"tasks": tasks, "accounts": accounts, "grants": grants, "journal": journal}
 
 
-def check(run: Run, ledger: dict[str, Any], audit: tuple[int, str]) -> dict[str, list[Any]]:
+def check(
+    run: Run, ledger: dict[str, Any], audit: tuple[int, str], upstreams: list[ChaosUpstream]
+) -> dict[str, list[Any]]:
     """Every violation, by class."""
     tasks: dict[str, dict[str, Any]] = ledger["tasks"]
     violations: dict[str, list[Any]] = defaultdict(list)
+    # never paid twice: a task is made (or being made) at one upstream at most
+    making = {u.name: u.tasks for u in upstreams}
+    for task_id in tasks:
+        at = [
+            name
+            for name, known in making.items()
+            if known.get(task_id, {}).get("status") in ("queued", "running", "success")
+        ]
+        if len(at) > 1:
+            violations["made_at_two_upstreams"].append({"task": task_id, "upstreams": at})
     if audit[0] != 0:
         violations["audit"].append(audit[1])
     received = run.received
@@ -1189,7 +1246,7 @@ def describe_task(
     return info
 
 
-def summarize(run: Run, ledger: dict[str, Any], upstream: ChaosUpstream) -> dict[str, Any]:
+def summarize(run: Run, ledger: dict[str, Any], upstreams: list[ChaosUpstream]) -> dict[str, Any]:
     clients = run.clients
     routes: dict[str, Counter[str]] = defaultdict(Counter)
     for req in clients.requests:
@@ -1216,7 +1273,25 @@ def summarize(run: Run, ledger: dict[str, Any], upstream: ChaosUpstream) -> dict
 
     kills = [e for e in run.events if e["kind"] == "kill"]
     terminations = [e for e in run.events if e["kind"] == "pg_terminate_backend"]
+    moved = [t for t in ledger["tasks"].values() if t.get("attempts")]
+    saved = [t for t in moved if t["state"] == "completed" and t["id"] in run.received]
+    counts: Counter[str] = Counter()
+    fates: Counter[str] = Counter()
+    for upstream in upstreams:
+        counts.update(upstream.counts)
+        fates.update(upstream.fates_started)
     return {
+        "upstreams": [u.name for u in upstreams],
+        "tasks_by_upstream": dict(Counter(t["upstream"] for t in ledger["tasks"].values())),
+        "tasks_moved_on": len(moved),
+        "saved_by_failover": len(saved),
+        "moves_by_reason": dict(
+            Counter(
+                _reason(attempt["why"])
+                for task in moved
+                for attempt in json.loads(task["attempts"])
+            ).most_common()
+        ),
         "generations": len(clients.jobs),
         "generations_keyed": sum(1 for job in clients.jobs if job.key),
         "generations_edit": sum(1 for job in clients.jobs if job.edit),
@@ -1246,14 +1321,26 @@ def summarize(run: Run, ledger: dict[str, Any], upstream: ChaosUpstream) -> dict
         "terminate_rounds": len(terminations),
         "terminate_rounds_aimed": sum(1 for e in terminations if e.get("aimed")),
         "backends_terminated": sum(e["ended"] for e in terminations),
-        "upstream": dict(sorted(upstream.counts.items())),
-        "upstream_task_fates": dict(upstream.fates_started),
+        "upstream": dict(sorted(counts.items())),
+        "upstream_task_fates": dict(fates),
         "settle_seconds": round(run.settled_at - run.chaos_end, 1) if run.settled_at else None,
     }
 
 
+def _reason(why: str) -> str:
+    """A move's reason, short: `submit: HTTP 429: ...` -> `submit: HTTP 429`."""
+    return ": ".join(why.split(": ")[:2])[:60]
+
+
 def print_table(summary: dict[str, Any], violations: dict[str, list[Any]]) -> None:
     rows = [
+        ("upstreams", ", ".join(summary["upstreams"])),
+        ("  ledger rows by upstream", summary["tasks_by_upstream"]),
+        (
+            "  tasks moved on / saved by failover",
+            (f"{summary['tasks_moved_on']} / {summary['saved_by_failover']}"),
+        ),
+        ("  moves by reason", summary["moves_by_reason"]),
         ("generations (client jobs)", summary["generations"]),
         (
             "  with Idempotency-Key / edits",
@@ -1321,6 +1408,13 @@ def parse_args(argv: list[str] | None) -> Config:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=30.0, help="chaos phase (default 30)")
     parser.add_argument("--clients", type=int, default=12, help="concurrent clients (12)")
+    parser.add_argument(
+        "--upstreams",
+        type=int,
+        default=2,
+        choices=(1, 2, 3),
+        help="upstreams failing independently (2: priorities 1 and 2; 3: 1, 1, 2)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
     parser.add_argument(
         "--kill-every",
@@ -1366,6 +1460,7 @@ def parse_args(argv: list[str] | None) -> Config:
     return Config(
         seconds=args.seconds,
         clients=args.clients,
+        upstreams=args.upstreams,
         seed=args.seed,
         kill_every=tuple(args.kill_every),
         terminate_every=tuple(args.terminate_every),
@@ -1392,30 +1487,39 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tempfile.mkdtemp(prefix="scenemint-chaos-"))
     database = Database(admin_url, run.run_id)
     database.create()
-    upstream = ChaosUpstream(seed=run.seed)
+    upstreams = [
+        ChaosUpstream(
+            seed=run.seed + n,
+            name="default" if cfg.upstreams == 1 else f"pool-{chr(ord('a') + n)}",
+            api_key=f"chaos-key-{n}-SECRET-{secrets.token_hex(4)}",
+        )
+        for n in range(cfg.upstreams)
+    ]
     say(
         f"seed {run.seed}, run {run.run_id}, database {database.name} ({database.mode}), "
         f"work dir {workdir}"
     )
     failed = True
     try:
-        upstream.start()
-        upstream.start_lifecycle()
+        for upstream in upstreams:
+            upstream.start()
+            upstream.start_lifecycle()
         try:
-            asyncio.run(run.main(database, upstream, workdir))
+            asyncio.run(run.main(database, upstreams, workdir))
         except (asyncio.CancelledError, KeyboardInterrupt):
             say("interrupted: stopping")
             return 130
         finally:
             for instance in run.instances:
                 instance.close()
-            upstream.stop_lifecycle()
-            upstream.stop()
+            for upstream in upstreams:
+                upstream.stop_lifecycle()
+                upstream.stop()
         database.close()
         audit = run_audit(database.url, workdir)
         ledger = read_ledger(database)
-        violations = check(run, ledger, audit)
-        summary = summarize(run, ledger, upstream)
+        violations = check(run, ledger, audit, upstreams)
+        summary = summarize(run, ledger, upstreams)
         failed = bool(violations)
         report(run, cfg, summary, violations, ledger, audit, workdir)
     finally:

@@ -926,6 +926,7 @@ class Bench:
             )
             await create_public_bucket(http, moto_url, S3_BUCKET)
             completed = await self.phase1(http, up1_url, ports)
+            await self.generate_upstreams(http, up1_url)
             await self.s3_images(http, up1_url, moto_url, ports)
             self.procs.stop(moto)
             await self.downloads_per_task(http, up1_url)
@@ -956,6 +957,59 @@ class Bench:
                     f" (ideal {result['ideal_s']} s)"
                 ),
             )
+        )
+
+    # -- generate with three upstreams beside one ---------------------------------------------
+
+    async def generate_upstreams(self, http: aiohttp.ClientSession, upstream: str) -> None:
+        """generate_rps of a service with one upstream and of one with three (a file of
+        three names, all priority 1 with weights 3:2:1, in front of the same upstream
+        server, so that only the service's routing differs), alternated, each on a fresh
+        SQLite file: the median of each and their ratio."""
+        plan = self.plan
+        rounds = 2 if plan.quick else 3
+        seconds = plan.generate_seconds
+        file = self.tmp / "three-upstreams.toml"
+        file.write_text(
+            "".join(
+                f'[[upstream]]\nname = "{name}"\nbase_url = "{upstream}"\n'
+                f'api_key_env = "BENCH_UPSTREAM_KEY"\npriority = 1\nweight = {weight}\n\n'
+                for name, weight in (("pool-a", 3), ("pool-b", 2), ("pool-c", 1))
+            )
+        )
+        three = {"SCENEMINT_UPSTREAMS_FILE": str(file), "BENCH_UPSTREAM_KEY": self.key}
+        rates: dict[str, list[float]] = {"one": [], "three": []}
+        say(f"generate, one upstream vs three: {rounds} rounds of {seconds:.0f} s each")
+        for n in range(rounds):
+            for label, extra in (("one", {}), ("three", three)):
+                name = f"service-generate-{label}-{n}"
+                svc = await self.start_service(
+                    http, upstream, 1, name, data_dir=self.tmp / name, extra=extra
+                )
+                rate, _, _, _, failed = await generate_load(
+                    svc.base, seconds, POLLERS, f"bench{self.token}-{label}{n}"
+                )
+                self.procs.stop(svc.proc)
+                if failed:
+                    raise RuntimeError(f"{failed} generates failed with {label} upstream(s)")
+                rates[label].append(rate)
+                say(f"  {label} upstream(s), round {n + 1}: {rate:,.0f} generates/s")
+        one, three_rate = statistics.median(rates["one"]), statistics.median(rates["three"])
+        ratio = three_rate / one
+        scenario = "generate with three upstreams (weights 3:2:1) beside one, 64 clients"
+        self.add(
+            figure(scenario, "generate_rps_one_upstream", one, "req/s"),
+            figure(scenario, "generate_rps_three_upstreams", three_rate, "req/s"),
+            figure(
+                scenario,
+                "generate_three_upstreams_ratio",
+                ratio,
+                "ratio",
+                target=">= 0.9",
+                met=ratio >= 0.9,
+                note=f"medians of {rounds} alternated rounds: "
+                + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items()),
+            ),
         )
 
     # -- phase 1: completed tasks, images, enhancement, generate ----------------------------

@@ -27,11 +27,17 @@ from .metrics import Metrics
 from .references import References
 from .settlement import (
     FINISHED,
+    Accepted,
     Decision,
     ErrorCode,
+    Fault,
     Guard,
+    Held,
     Limits,
+    Missing,
     Observation,
+    Refused,
+    Seen,
     State,
     Step,
     decide,
@@ -91,14 +97,16 @@ class Ledger:
         )
 
     def decide(self, row: LedgerTask, observation: Observation, *, hand: bool = False) -> Step:
-        """The settlement's step for `row`, with the upstream it may move on to."""
+        """The settlement's step for `row`, with the upstream it may move on to (asked of
+        the router only when the observation is one that can move a task)."""
+        alternative = self.router.alternative(row.tried) if _may_move(observation) else None
         return decide(
             row,
             observation,
             now=self.store.now(),
             limits=self.limits,
             hand=hand,
-            alternative=self.router.alternative(row.tried),
+            alternative=alternative,
         )
 
     async def observe(
@@ -211,3 +219,16 @@ class Ledger:
             log.warning("reference of %s not removed yet: %s", task_id, exc)
             return False
         return True
+
+
+def _may_move(observation: Observation) -> bool:
+    """Whether `observation` is one the settlement may move a task on for: a refusal of the
+    upstream's, our breaker, a lost task, a failure about capacity."""
+    match observation:
+        case Refused(fault=fault):
+            return fault is Fault.UPSTREAM
+        case Held() | Missing():
+            return True
+        case Accepted(task) | Seen(task):
+            return task.status == "failed" and task.fault is Fault.UPSTREAM
+    return False
