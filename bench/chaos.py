@@ -220,8 +220,12 @@ class ChaosUpstream(FakeUpstream):
                 name = "drop_after"
                 chosen = _Fault("drop", path, 1, after_processing=True)
             elif roll < 0.25:
+                # a 5xx once the task exists: the outcome is unknown. Not a 503: a 503 says
+                # the request was not taken (HTTP's Service Unavailable), and the service
+                # may send the task to another upstream on one
                 name = "5xx_after"
-                chosen = _Fault("fail", path, 1, status=status, after_processing=True)
+                after = rng.choice((500, 502, 504))
+                chosen = _Fault("fail", path, 1, status=after, after_processing=True)
             elif roll < 0.27:
                 name = "refused_400"
                 chosen = _Fault(

@@ -50,6 +50,7 @@ from .settlement import (
     Observation,
     ReferenceGone,
     Refused,
+    Sending,
     State,
     Unknown,
 )
@@ -122,12 +123,20 @@ class Submitter:
         reference: Reference | None,
         keep_lease: bool,
         until_shutdown: bool,
+        fresh: bool,
     ) -> Sent:
         """Send a row we hold the lease of (state `submitting`) and write what came of it,
         within `SCENEMINT_SUBMIT_TIMEOUT` (and the request's deadline) for all upstreams
         together. A refusal that is the upstream's moves the row on to the next upstream
         (written before it is sent there) and the sending goes on there; a move to an
-        `openai` upstream makes it a queued job there, and the sending ends."""
+        `openai` upstream makes it a queued job there, and the sending ends.
+
+        `fresh`: every request that ever left for the row's upstream is one of ours here
+        (the charging request's). Otherwise (a resubmission, a client taking a row over) an
+        earlier request, whose outcome nobody knows, may still be processed there: no
+        refusal of ours can prove that nothing was made, so the row does not move on from
+        it (it is kept and asked about). A row never sent to its upstream (it moved on there
+        while nobody sent it) is fresh once `Sending` is written."""
         loop = asyncio.get_running_loop()
         until = loop.time() + self._settings.submit_timeout
         left = deadline.remaining()
@@ -135,22 +144,35 @@ class Submitter:
             until = min(until, loop.time() + left - OUTCOME_RESERVE)
         ledger = self._ledger
         while True:
+            if row.sent_at is None:  # nobody ever sent it there: we are the first, and say so
+                written = await ledger.observe(row, Sending(), keep_lease=True)
+                if written is None or written.sent_at is None:
+                    return Sent(written, Unknown("the row changed before it was sent"), None)
+                row, fresh = written, True
             observation, error = await self._attempts(
-                row, reference, until=until, until_shutdown=until_shutdown
+                row, reference, until=until, until_shutdown=until_shutdown, fresh=fresh
             )
             step = ledger.decide(row, observation)
             if not isinstance(step, Decision):
                 return Sent(row if step is None else None, observation, error)
             goes_on = step.move_to is not None and step.move_kind == "task"
+            if goes_on:  # we send it there next: say so in the move's own write
+                step = replace(step, sent=True)
             if (keep_lease or goes_on) and step.guard is Guard.OWNER and step.state in UNFINISHED:
                 step = replace(step, keep_lease=True)  # its answer has not left, or we go on
             written = await ledger.write(row, step)
             if written is None or not goes_on:
                 return Sent(written, observation, error)
-            row = written  # moved on to another asynchronous upstream: send it there
+            row, fresh = written, True  # moved on to another asynchronous upstream: send it
 
     async def _attempts(
-        self, row: LedgerTask, reference: Reference | None, *, until: float, until_shutdown: bool
+        self,
+        row: LedgerTask,
+        reference: Reference | None,
+        *,
+        until: float,
+        until_shutdown: bool,
+        fresh: bool,
     ) -> tuple[Observation, UpstreamError | None]:
         """Attempts at the row's upstream: what they observed. Tried again (with the same
         `client_task_id`, which the upstream answers idempotently) while time is left, on
@@ -180,7 +202,8 @@ class Submitter:
                 error = exc
                 proof = judge(exc)
                 elsewhere = self._ledger.router.alternative(row.tried) is not None
-                if proof.made is None or not (proof.sure or elsewhere):
+                proven = fresh and (proof.sure or elsewhere)  # this upstream made nothing
+                if proof.made is None or (proof.fault is Fault.UPSTREAM and not proven):
                     sent = True
                 elif not sent:
                     if proof.fault is Fault.REQUEST:
@@ -337,6 +360,7 @@ class Generation:
                     request_hash=request_hash,
                     kind=route.row_kind,
                     upstream=route.name,
+                    sending=not sync,
                 )
             )
         except KeyInUse as exc:  # the same key arrived twice at once: nothing was charged
@@ -351,7 +375,9 @@ class Generation:
         )
         if sync:  # queued: a runner takes it once its answer has left
             return await self._queued(charge.task, balance=charge.balance)
-        return await self._submit(charge.task, reference=reference, balance=charge.balance)
+        return await self._submit(
+            charge.task, reference=reference, balance=charge.balance, fresh=True
+        )
 
     async def _queued(self, row: LedgerTask, *, balance: int) -> Delivery:
         task = await self._reader.view(row, prompt=row.prompt, remaining=balance)
@@ -382,16 +408,17 @@ class Generation:
             row = written or claimed
             task = await self._reader.view(row, prompt=row.prompt, remaining=balance + row.refunded)
             return Delivery(self, task, None)
-        return await self._submit(claimed, reference=reference, balance=balance)
+        # its first request may have left for the upstream: nothing proves what it made there
+        return await self._submit(claimed, reference=reference, balance=balance, fresh=False)
 
     async def _submit(
-        self, row: LedgerTask, *, reference: Reference | None, balance: int
+        self, row: LedgerTask, *, reference: Reference | None, balance: int, fresh: bool
     ) -> Delivery:
         """Send a row we hold the lease of and write the outcome, keeping the lease until
         the answer has left (`Delivery`)."""
         async with self._ledger.lease(row):
             sent = await self._submitter.send(
-                row, reference=reference, keep_lease=True, until_shutdown=True
+                row, reference=reference, keep_lease=True, until_shutdown=True, fresh=fresh
             )
         written = sent.row
         if written is None:

@@ -194,7 +194,7 @@ class ImageService:
             return await self.ledger.observe(row, ReferenceGone())
         async with self.ledger.lease(row):
             sent = await self.submitter.send(
-                row, reference=reference, keep_lease=False, until_shutdown=False
+                row, reference=reference, keep_lease=False, until_shutdown=False, fresh=False
             )
         if sent.row is None and isinstance(sent.observation, Unknown):
             return None

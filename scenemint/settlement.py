@@ -173,7 +173,8 @@ class Held:
 
 @dataclass(frozen=True, slots=True)
 class Sending:
-    """A runner took a sync job and is about to send its one request (written first)."""
+    """A request is about to leave for the row's upstream, written before it does: a runner
+    took a sync job, or a task moved on to an upstream is sent there for the first time."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,7 +299,7 @@ class Decision:
     retry_in: float | None = None  # keep the row unleased this long (a copy to try again)
     fetch_error: str | None = None  # why the last copy failed (for the log and operators)
     keep_lease: bool = False  # the owner keeps its lease (its answer has not left yet)
-    sent: bool = False  # a sync job's request is about to leave (sent_at is written)
+    sent: bool = False  # a request is about to leave for its upstream (sent_at is written)
     unsent: bool = False  # a sync job goes back to its queue (sent_at is cleared)
     move_to: str | None = None  # the upstream it moves on to (written before it is sent)
     move_kind: str | None = None  # its kind there: "task" or "sync"
@@ -451,6 +452,10 @@ def decide(
             if state is not State.SUBMITTING:
                 return None
             return fail(ErrorCode.REFERENCE_LOST, Guard.OWNER)
+        case Sending():
+            if state is not State.SUBMITTING:
+                return None
+            return Decision(State.SUBMITTING, Guard.OWNER, keep_lease=True, sent=True)
     return None
 
 

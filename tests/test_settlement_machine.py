@@ -174,6 +174,7 @@ class SettlementMachine(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
         self.upstreams = {name: ModelUpstream(name) for name in UPSTREAMS}
+        self.in_flight: list[str] = []  # requests of dead processes still on their way to "a"
         self.model = Model()
         self.tmp = Path(tempfile.mkdtemp(prefix="machine-"))
         self.counter = itertools.count()
@@ -275,11 +276,12 @@ class SettlementMachine(RuleBasedStateMachine):
         target=pending,
         who=st.integers(0, 1),
         fp=st.sampled_from(FINGERPRINTS),
-        upstream_got_it=st.booleans(),
+        upstream_got_it=st.sampled_from(["yes", "no", "in flight"]),
     )
-    def crash_mid_submission(self, who: int, fp: str, upstream_got_it: bool):
-        """Charged and leased, then the process died: before the upstream got the task, or
-        after it created it but before the answer left."""
+    def crash_mid_submission(self, who: int, fp: str, upstream_got_it: str):
+        """Charged and leased, then the process died: before the upstream got the task,
+        after it created it but before the answer left, or with its request still on its
+        way (the upstream processes it later, whatever happened meanwhile)."""
         service = self.instances[who][0]
         key, prompt = self._key(fp)
         task_id = str(uuid.uuid4())
@@ -303,9 +305,18 @@ class SettlementMachine(RuleBasedStateMachine):
         except ScenemintError:
             return multiple()
         self.model.tasks_by_key.setdefault((fp, key), set()).add(task_id)
-        if upstream_got_it:
+        if upstream_got_it == "yes":
             self.upstreams["a"].tasks[task_id] = "queued"
+        elif upstream_got_it == "in flight":
+            self.in_flight.append(task_id)
         return Pending(fingerprint=fp, key=key, prompt=prompt)
+
+    @rule(pick=st.integers(0, 10_000))
+    def a_request_in_flight_lands(self, pick: int) -> None:
+        """The dead process's request reaches "a" now: it makes the task (if new there)."""
+        if self.in_flight:
+            task_id = self.in_flight.pop(pick % len(self.in_flight))
+            self.upstreams["a"].tasks.setdefault(task_id, "queued")
 
     @rule(
         who=st.integers(0, 1),

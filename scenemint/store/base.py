@@ -56,6 +56,9 @@ class NewTask:
     request_hash: str | None = None
     kind: str = "task"  # "task": an async task API's; "sync": a job our runners send
     upstream: str = "default"  # the upstream it is sent to
+    # the charging request sends it at once (sent_at is written with the charge): whoever
+    # finds the row later knows a request may have left for its upstream
+    sending: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +105,7 @@ class LedgerTask:
     fetch_attempts: int = 0
     fetch_error: str | None = None
     kind: str = "task"
+    # when a request (may have) left for its current upstream; None: never sent there
     sent_at: float | None = None
     upstream: str = "default"  # the upstream that holds it
     attempts: tuple[Attempt, ...] = ()  # the upstreams it left before, in order

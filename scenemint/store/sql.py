@@ -540,7 +540,8 @@ class SQLStore:
                 f"INSERT INTO tasks (id, fingerprint, mode, prompt, size, state, version,"
                 " refunded, lease_owner, lease_until, idempotency_key, request_hash,"
                 " reference_path, reference_name, reference_type, created_at, updated_at, kind,"
-                " upstream) VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " upstream, sent_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 f" RETURNING {_TASK_COLUMNS}",
                 task.id,
                 task.fingerprint,
@@ -559,6 +560,7 @@ class SQLStore:
                 now,
                 task.kind,
                 task.upstream,
+                now if task.sending else None,
             )
             assert created is not None
             _journal(tx, task.fingerprint, "charge", 1, task.id, now)
@@ -628,6 +630,7 @@ class SQLStore:
                 now if image else None,
                 1 if decision.move_to or decision.unsent else 0,
                 now if decision.sent else None,
+                now if decision.sent else None,
                 decision.move_to,
                 decision.move_kind,
                 _attempts_after(row, decision, now),
@@ -655,8 +658,8 @@ class SQLStore:
                 " image_bytes = COALESCE(?, image_bytes), image_width = COALESCE(?, image_width),"
                 " image_height = COALESCE(?, image_height),"
                 " image_stored_at = COALESCE(?, image_stored_at),"
-                # a move to another upstream: nothing of the last one's attempt stays
-                " sent_at = CASE WHEN ? = 1 THEN NULL ELSE COALESCE(?, sent_at) END,"
+                # a move to another upstream clears it, unless its owner sends it there now
+                " sent_at = CASE WHEN ? = 1 THEN ? ELSE COALESCE(?, sent_at) END,"
                 " upstream = COALESCE(?, upstream), kind = COALESCE(?, kind),"
                 " attempts = COALESCE(?, attempts), updated_at = ?"
                 f" WHERE id = ? AND version = ? AND state = ? AND state IN {_UNFINISHED}{guard}"
