@@ -106,6 +106,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
+import events  # bench/events.py, beside this file
 import jobs  # bench/jobs.py, beside this file (its own script too)
 
 BENCH = Path(__file__).resolve().parent
@@ -125,6 +126,12 @@ FAST_TASK_SECONDS = 0.3
 PHASE1_WORD_DELAY = 0.05
 STREAM_WORD_DELAY = 1.0
 NEVER = 1_000_000.0
+EVENT_TASK_SECONDS = 1.0
+EVENT_IMAGE_BYTES = 64 * 1024  # "even a tiny image": the copy is not what is measured
+EVENT_LATENCY_TASKS = 10  # followed by events, and as many polled
+WATCHERS = 10_000
+WATCHED_TASKS = 100
+EVENT_DELAY_TASKS = 20
 ENHANCE_PROMPT = "a lighthouse on a cliff at dusk, gulls over the waves"
 INSTALL_HINT = "install them with: apt-get install -y nginx-light wrk   (Debian/Ubuntu, as root)"
 
@@ -841,12 +848,12 @@ class Bench:
         self.figures.extend(figs)
 
     def start_upstream(
-        self, name: str, task_seconds: float, word_delay: float
+        self, name: str, task_seconds: float, word_delay: float, image_bytes: int = IMAGE_BYTES
     ) -> tuple[subprocess.Popen[bytes], str]:
         port = free_port()
         cmd = [PY, str(BENCH / "upstream.py"), "--port", str(port), "--api-key", self.key]
         cmd += ["--task-seconds", str(task_seconds), "--word-delay", str(word_delay)]
-        cmd += ["--image-bytes", str(IMAGE_BYTES)]
+        cmd += ["--image-bytes", str(image_bytes)]
         return self.procs.start(name, cmd, cwd=self.tmp), f"http://127.0.0.1:{port}"
 
     async def start_service(
@@ -901,8 +908,15 @@ class Bench:
         proc = self.procs.start("nginx", ["nginx", "-c", str(conf), "-p", str(ngx)], cwd=ngx)
         return proc, ports
 
-    async def run(self) -> None:
+    async def run(self, only: str | None = None) -> None:
         timeout = aiohttp.ClientTimeout(total=60)
+        if only == "events":
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                await self.events(http)
+            return
+        if only == "jobs":
+            await self.job_runner()
+            return
         async with aiohttp.ClientSession(timeout=timeout) as http:
             # everything that only waits is started at once; idle processes cost no CPU
             up1, up1_url = self.start_upstream("upstream-1", FAST_TASK_SECONDS, PHASE1_WORD_DELAY)
@@ -935,6 +949,7 @@ class Bench:
             self.procs.stop(floor)
             self.procs.stop(nginx)
             self.procs.stop(up2)
+            await self.events(http)
         await self.job_runner()
 
     # -- the openai kind's job runner (bench/jobs.py) ----------------------------------------
@@ -1011,6 +1026,211 @@ class Bench:
                 + ", ".join(f"{k} {[round(r) for r in v]}" for k, v in rates.items()),
             ),
         )
+
+    # -- task events ---------------------------------------------------------------------------
+
+    async def events(self, http: aiohttp.ClientSession) -> None:
+        fast, fast_url = self.start_upstream(
+            "upstream-events-fast", EVENT_TASK_SECONDS, PHASE1_WORD_DELAY, EVENT_IMAGE_BYTES
+        )
+        never, never_url = self.start_upstream("upstream-events-never", NEVER, STREAM_WORD_DELAY)
+        await asyncio.gather(
+            wait_http(http, f"{fast_url}/bench/stats", fast, self.procs, "upstream-events-fast"),
+            wait_http(http, f"{never_url}/bench/stats", never, self.procs, "upstream-events-never"),
+        )
+        await self.event_latency(http, fast_url)
+        self.procs.stop(fast)
+        await self.event_watchers(http, never_url)
+        await self.event_delay_across(http, never_url)
+        self.procs.stop(never)
+
+    async def event_latency(self, http: aiohttp.ClientSession, upstream: str) -> None:
+        """From the upstream's report of a finished task to the client seeing `completed`:
+        through the events, and by polling every second (the client library's `wait()`
+        before events), for tasks made at the same time on one service, side by side."""
+        count = EVENT_LATENCY_TASKS
+        say(f"task events: completed latency, {count} tasks followed by events, {count} polled")
+        data_dir = self.tmp / "data-events-latency"
+        svc = await self.start_service(http, upstream, 1, "service-events", data_dir=data_dir)
+        host, port = "127.0.0.1", svc.port
+        seen: dict[str, tuple[str, float]] = {}  # task id -> (how it was seen, when)
+
+        async def by_events(task_id: str) -> None:
+            watcher = events.Watcher(host, port, task_id)
+            await watcher.run()
+            moment = watcher.status_seen("completed")
+            if moment is None:
+                raise RuntimeError(f"no completed event for {task_id}: {watcher.error}")
+            seen[task_id] = ("events", moment)
+
+        async def by_polls(task_id: str) -> None:
+            while await task_status(http, svc.base, task_id) != "completed":
+                await asyncio.sleep(1.0)
+            seen[task_id] = ("polls", time.time())
+
+        async def one(n: int) -> None:
+            # started spread over a second: the upstream finishes each at its own phase
+            await asyncio.sleep(n / (2 * count))
+            (task_id,) = await make_tasks(
+                http, svc.base, 1, "a lighthouse at dusk, events", f"bench{self.token}-ev{n}"
+            )
+            await (by_events if n % 2 == 0 else by_polls)(task_id)
+
+        await asyncio.gather(*(one(n) for n in range(2 * count)))
+        self.procs.stop(svc.proc)
+        ids = list(seen)
+        async with http.get(f"{upstream}/bench/reported", params={"ids": ",".join(ids)}) as r:
+            reported: dict[str, float] = await r.json()
+        written = await events.ledger_times(
+            f"sqlite:///{(data_dir / 'scenemint.sqlite3').as_posix()}", ids
+        )
+        copy, after = [], {"events": [], "polls": []}  # ms
+        for task_id, (how, moment) in seen.items():
+            copy.append((written[task_id] - reported[task_id]) * 1000)
+            after[how].append((moment - reported[task_id]) * 1000)
+        pushed = statistics.median(after["events"])
+        polled = statistics.median(after["polls"])
+        say(f"  reported -> completed written (the image copy): {events.summary(copy)}")
+        say(f"  reported -> completed event: {events.summary(after['events'])}")
+        say(f"  reported -> completed poll (1 s polls): {events.summary(after['polls'])}")
+        scenario = (
+            f"completed latency from the upstream's report ({count}+{count} tasks,"
+            f" {EVENT_IMAGE_BYTES // 1024} KiB images, 1 worker)"
+        )
+        self.add(
+            figure(scenario, "completed_event_latency_ms", pushed, "ms",
+                   reference=polled, reference_metric="completed_poll_latency_ms",
+                   note="p50; " + events.summary(after["events"])),
+            figure(scenario, "completed_poll_latency_ms", polled, "ms",
+                   note="p50, polls every 1 s (before events); " + events.summary(after["polls"])),
+            figure(scenario, "completed_copy_ms", statistics.median(copy), "ms",
+                   note="p50 from the report to the completed ledger write (the image copy)"),
+        )  # fmt: skip
+
+    async def event_watchers(self, http: aiohttp.ClientSession, upstream: str) -> None:
+        """RSS of one worker holding WATCHERS open event streams over WATCHED_TASKS tasks,
+        and the upstream's task listings while they are held, beside the listings while
+        one client per task polls it every second (what one poller of each costs; the
+        clients start spread over a second, as independent clients would)."""
+        hold = 4.0 if self.plan.quick else 10.0
+        say(f"task events: {WATCHERS:,} watchers of {WATCHED_TASKS} unfinished tasks, {hold:.0f} s")
+        extra = {"SCENEMINT_MAX_CONNECTIONS": str(WATCHERS + 1000)}
+        svc = await self.start_service(
+            http, upstream, 1, "service-watchers", data_dir=self.tmp / "data-watchers", extra=extra
+        )
+        owner = f"bench{self.token}-w"
+        ids = await make_tasks(http, svc.base, WATCHED_TASKS, "fail: watched", owner)
+        await asyncio.sleep(1.0)
+        idle = rss_mib(svc.proc.pid)[0]
+
+        async def poll_each_second(n: int, task_id: str) -> None:
+            await asyncio.sleep(n / len(ids))  # independent clients: each at its own phase
+            while True:
+                await task_status(http, svc.base, task_id)
+                await asyncio.sleep(1.0)
+
+        before = (await upstream_counts(http, upstream)).get("list", 0)
+        pollers = [asyncio.create_task(poll_each_second(n, i)) for n, i in enumerate(ids)]
+        await asyncio.sleep(hold)
+        for poller in pollers:
+            poller.cancel()
+        await asyncio.gather(*pollers, return_exceptions=True)
+        polled = (await upstream_counts(http, upstream)).get("list", 0) - before
+        await asyncio.sleep(1.5)  # the answers cached for the pollers are stale
+
+        started = time.monotonic()
+        targets = [ids[n % len(ids)] for n in range(WATCHERS)]
+        watchers, tasks = await events.open_watchers("127.0.0.1", svc.port, targets)
+        try:
+            opened = await events.all_first(watchers, timeout=60)
+            took = time.monotonic() - started
+            say(f"  {opened:,} of {WATCHERS:,} watchers have their first event after {took:.1f} s")
+            before = (await upstream_counts(http, upstream)).get("list", 0)
+            async with RssSampler(svc.proc.pid, interval=0.1) as sampler:
+                await asyncio.sleep(hold)
+            watched = (await upstream_counts(http, upstream)).get("list", 0) - before
+            still = sum(1 for t in tasks if not t.done())
+        finally:
+            await events.close(tasks)
+        self.procs.stop(svc.proc)
+        errors = [w.error for w in watchers if w.error]
+        if errors:
+            say(f"  {len(errors)} watchers failed, e.g. {errors[0]}")
+        peak = sampler.peak
+        met = opened == WATCHERS and still == WATCHERS and peak <= 300
+        ratio = watched / polled if polled else 0.0
+        say(
+            f"  RSS {idle:.0f} MiB idle, {peak:.0f} MiB peak; upstream listings in {hold:.0f} s:"
+            f" {watched} with the watchers, {polled} with one poller a task"
+        )
+        scenario = f"{WATCHERS:,} task-event watchers of {WATCHED_TASKS} tasks (1 worker)"
+        self.add(
+            figure(scenario, "events_10000_watchers_rss_mib", peak, "MiB",
+                   reference=idle, reference_metric="events_idle_rss_mib",
+                   target="<= 300 MiB", met=met,
+                   note=None if met else f"{opened} opened, {still} still open, peak {peak:.0f}"),
+            figure(scenario, "events_upstream_listings_ratio", ratio, "ratio",
+                   target="<= 1.1 (one poller a task)", met=ratio <= 1.1,
+                   note=f"{watched} listings in {hold:.0f} s with {WATCHERS:,} watchers,"
+                   f" {polled} with one client a task polling every second"),
+        )  # fmt: skip
+
+    async def event_delay_across(self, http: aiohttp.ClientSession, upstream: str) -> None:
+        """From a change another process writes (a refund, through the store's conditional
+        write) to the event at a watcher of this service: PostgreSQL (NOTIFY), SQLite (the
+        watched rows' versions read four times a second)."""
+        database = f"scenemint_bench_events_{self.token}"
+        url = await asyncio.to_thread(create_database, database)
+        try:
+            for label, database_url in (("postgres", url), ("sqlite", None)):
+                if label == "postgres" and database_url is None:
+                    say("task events across processes: no PostgreSQL on 127.0.0.1:5432, skipped")
+                    continue
+                await self.event_delay_on(http, upstream, label, database_url)
+        finally:
+            if url:
+                await asyncio.to_thread(drop_database, database)
+
+    async def event_delay_on(
+        self, http: aiohttp.ClientSession, upstream: str, label: str, database_url: str | None
+    ) -> None:
+        count = EVENT_DELAY_TASKS
+        say(f"task events across processes on {label}: {count} refunds written by the bench")
+        data_dir = self.tmp / f"data-events-{label}"
+        extra = {"SCENEMINT_DATABASE_URL": database_url} if database_url else {}
+        svc = await self.start_service(
+            http, upstream, 1, f"service-events-{label}", data_dir=data_dir, extra=extra
+        )
+        owner = f"bench{self.token}-{label}"
+        ids = await make_tasks(http, svc.base, count, "fail: refunded", owner)
+        watchers, tasks = await events.open_watchers("127.0.0.1", svc.port, ids)
+        try:
+            if await events.all_first(watchers, timeout=30) != count:
+                raise RuntimeError(f"watchers on {label} did not get their first event")
+            written = await events.refund_elsewhere(
+                database_url or f"sqlite:///{(data_dir / 'scenemint.sqlite3').as_posix()}",
+                ids,
+                gap=0.1,
+            )
+            await asyncio.wait(tasks, timeout=10)
+        finally:
+            await events.close(tasks)
+        self.procs.stop(svc.proc)
+        delays = []
+        for watcher in watchers:
+            moment = watcher.status_seen("failed")
+            if moment is None:
+                raise RuntimeError(f"no failed event on {label} for {watcher.task_id}")
+            delays.append((moment - written[watcher.task_id]) * 1000)
+        say(f"  change -> event: {events.summary(delays)}")
+        p90 = events.percentile(delays, 0.9)
+        how = "LISTEN/NOTIFY" if label == "postgres" else "versions read every 0.25 s"
+        self.add(
+            figure(f"a change by another process reaches a watcher ({label}: {how})",
+                   f"events_cross_process_delay_ms_{label}", p90, "ms",
+                   target="<= 1000 ms", met=max(delays) <= 1000,
+                   note="p90; " + events.summary(delays)),
+        )  # fmt: skip
 
     # -- phase 1: completed tasks, images, enhancement, generate ----------------------------
 
@@ -1586,9 +1806,16 @@ def raise_open_files() -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description="SceneMint benchmark (see bench/run.py).")
     parser.add_argument("--quick", action="store_true", help="~3 s per measurement, about 70 s")
-    parser.add_argument("--output", type=Path, default=BENCH / "results.json")
+    parser.add_argument(
+        "--only",
+        choices=["events", "jobs"],
+        help="run one part only (written to bench/results-<part>.json unless --output)",
+    )
+    parser.add_argument("--output", type=Path)
     parser.add_argument("--keep-temp", action="store_true", help="keep logs and configs")
     args = parser.parse_args()
+    if args.output is None:
+        args.output = BENCH / (f"results-{args.only}.json" if args.only else "results.json")
 
     missing = missing_tools()
     if missing:
@@ -1616,7 +1843,7 @@ def main() -> int:
     bench = Bench(plan, tmp, procs)
     started = time.monotonic()
     try:
-        asyncio.run(bench.run())
+        asyncio.run(bench.run(args.only))
     except KeyboardInterrupt:
         say("interrupted")
         return 130

@@ -13,7 +13,10 @@ chat endpoint), with two bench aids in front of it:
   ones (the service stores an image under the SHA-256 of its bytes: identical images would
   be one object) and real ones (the service decodes every image before it stores it). These
   requests are counted as "image": `image_downloads_per_task` is read from that count.
-  Task states and image URLs stay the demo's.
+  Task states and image URLs stay the demo's;
+- the first time a task listing reports a task finished (`success` or `error`), the wall
+  time is kept: `GET /bench/reported?ids=a,b` answers `{id: unix time}`. The task-event
+  latency figures start from this moment: when the upstream told the service.
 
 Usage: python bench/upstream.py --port P --api-key K --task-seconds T --word-delay D
        [--image-bytes N]
@@ -25,8 +28,10 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
+import json
 import random
 import struct
+import time
 import zlib
 from collections import Counter
 
@@ -85,18 +90,28 @@ def build_app(
 ) -> web.Application:
     app = create_demo_app(api_key=api_key, task_seconds=task_seconds, word_delay=word_delay)
     counts: Counter[str] = Counter()
+    reported: dict[str, float] = {}  # task id -> when a listing first said it was finished
 
     @web.middleware
     async def bench_aids(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path == "/bench/stats":
             return web.json_response(dict(counts))
+        if request.path == "/bench/reported":
+            ids = request.query.get("ids", "").split(",")
+            return web.json_response({i: reported[i] for i in ids if i in reported})
         kind = kind_of(request)
         counts[kind] += 1
         if kind == "image" and image_bytes > 0 and request.method == "GET":
             name = request.path.rsplit("/", 1)[-1]
             body = await asyncio.to_thread(bench_png, name, image_bytes)
             return web.Response(body=body, content_type="image/png")
-        return await handler(request)
+        response = await handler(request)
+        if kind == "list" and isinstance(response, web.Response) and response.body:
+            now = time.time()
+            for item in json.loads(bytes(response.body))["items"]:  # type: ignore[arg-type]
+                if item["status"] in ("success", "error"):
+                    reported.setdefault(item["id"], now)
+        return response
 
     # outermost: counted before the demo's own key check
     app.middlewares.insert(0, bench_aids)

@@ -76,12 +76,16 @@ def serve(
         # each worker builds its own app (and its own upstream pool) from the environment,
         # and its connection limits too (the protocol reads them there, once per process)
         os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
-        uvicorn.run(
-            "scenemint.web.app:create_app_from_env",
-            factory=True,
-            workers=workers,
-            **uvicorn_options(settings),
-        )
+        from .metrics import shared_directory
+
+        # the workers' figures in one directory: every scrape sums all of them
+        with shared_directory():
+            uvicorn.run(
+                "scenemint.web.app:create_app_from_env",
+                factory=True,
+                workers=workers,
+                **uvicorn_options(settings),
+            )
         return
     # uvicorn re-raises the signal that stopped it once its graceful shutdown is done;
     # with the default handler the process would then die "killed by SIGTERM". A stop

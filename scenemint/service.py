@@ -6,6 +6,7 @@ The web layer only binds HTTP to this. Each piece has one job a reader can name:
     generation.Generation     validate, charge, pick an upstream, submit, hand the answer over
     generation.Submitter      the sending to asynchronous upstreams, and moving on between them
     polling.TaskReader        a poll's answer: the one cache, or the row and its upstream now
+    events.TaskEvents         watchers of a task: its answer pushed when it changes
     sync_jobs.SyncJobs        the jobs of synchronous upstreams, sent at most once
     images.served.ServedImages  a task's image into our store and out of it
     readiness.Readiness       /readyz
@@ -28,6 +29,7 @@ from .answers import TaskAnswers
 from .config import Settings
 from .enhancement import EnhancementStream, open_enhancement
 from .errors import ImageMissing, ScenemintError
+from .events import TaskEvents
 from .generation import Delivery, Generation, Submitter, load_reference
 from .images import ImageStore, open_image_store
 from .images.copier import ImageCopier
@@ -130,6 +132,8 @@ class ImageService:
             wakeups=self.wakeups,
         )
         self.reader = TaskReader(self.ledger, self.answers)
+        self.events = TaskEvents(self.reader, self.answers, store)
+        self.ledger.on_change = lambda row: self.events.changed(row.id)
         self.submitter = Submitter(self.ledger, shutting_down=self.shutting_down)
         self.generation = Generation(self.ledger, self.reader, self.submitter)
         self.copier = ImageCopier(settings=settings, images=self.images, metrics=self.metrics)

@@ -1,7 +1,8 @@
 """Fuzzing: schemathesis generates requests (valid and invalid) from the service's own OpenAPI
 schema and sends them to the real service, with the fake upstream behind it.
 
-Every answer: no 500, an `X-Request-ID`, and — when JSON — the envelope; an answer that
+Every answer: one the document describes (status, media type, schema: schemathesis'
+response checks), no 500, an `X-Request-ID`, and — when JSON — the envelope; an answer that
 refuses the input (4xx) moved no credit. The example count is bounded for CI.
 """
 
@@ -13,6 +14,11 @@ from collections.abc import Iterator
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from scenemint.config import Settings
 from scenemint.web.app import create_app
@@ -62,6 +68,7 @@ def test_the_schema_describes_every_public_route(fuzz_service):
     assert operations == {
         ("POST", "/api/images/generate"),
         ("GET", "/api/images/tasks/{task_id}"),
+        ("GET", "/api/images/tasks/{task_id}/events"),
         ("GET", "/api/images/tasks/{task_id}/image"),
         ("HEAD", "/api/images/tasks/{task_id}/image"),
         ("POST", "/api/prompts/enhance"),
@@ -93,6 +100,12 @@ def test_fuzzed_requests_get_enveloped_answers_and_move_no_credit_when_refused(c
     response = case.call(base_url=fuzz_service.url, timeout=30)
     after = journal(fuzz_service)
 
+    # the answer is one the document describes: its status, its media type, its schema
+    # (the envelope, and an `error` code among those listed for that status)
+    case.validate_response(
+        response,
+        checks=[status_code_conformance, content_type_conformance, response_schema_conformance],
+    )
     status = response.status_code
     assert status != 500, response.text
     assert status < 500, response.text  # the fake upstream is healthy

@@ -193,8 +193,8 @@ def test_migrations_are_versioned_and_applied_once(database_url):
     async def body(store, clock):
         return await store.schema_version()
 
-    assert with_store(database_url, body) == 7
-    assert with_store(database_url, body) == 7  # reopening applies nothing twice
+    assert with_store(database_url, body) == 8
+    assert with_store(database_url, body) == 8  # reopening applies nothing twice
 
 
 def test_journal_is_append_only(database_url):

@@ -258,6 +258,36 @@ def test_a_non_uuid_id_answers_missing_without_asking_upstream(service, upstream
     assert upstream.requests == []
 
 
+def test_an_empty_id_answers_missing_like_any_id_that_is_not_ours(service, upstream):
+    """One implementation of the task routes: the empty id is one more id not ours."""
+    answer = service.http.get("/api/images/tasks/")
+    assert answer.status_code == 200
+    assert answer.json()["data"] == {
+        "id": "",
+        "mode": "text",
+        "status": "failed",
+        "error": MISSING_ERROR,
+    }
+    assert service.http.get("/api/images/tasks//image").json()["error"] == "image_not_ready"
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize(
+    ("path", "allow"),
+    [
+        (f"/api/images/tasks/{uuid.uuid4()}", "GET"),
+        (f"/api/images/tasks/{uuid.uuid4()}/image", "GET, HEAD"),
+        (f"/api/images/tasks/{uuid.uuid4()}/events", "GET"),
+    ],
+)
+def test_the_wrong_method_on_a_task_route_is_405_saying_what_is_allowed(service, path, allow):
+    for method in ("POST", "PUT", "DELETE"):
+        answer = service.http.request(method, path)
+        assert answer.status_code == 405
+        assert answer.json()["error"] == "method_not_allowed"
+        assert answer.headers["allow"] == allow
+
+
 def test_an_upper_case_spelling_of_our_id_is_not_sent_upstream(service, upstream):
     check_in(service)
     task = generate(service)

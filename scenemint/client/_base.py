@@ -379,6 +379,26 @@ class BaseClient:
     def _task_call(self, task_id: str) -> Call:
         return Call("GET", f"/api/images/tasks/{_segment(task_id)}")
 
+    def _events_call(self, task_id: str) -> Call:
+        return Call(
+            "GET",
+            f"/api/images/tasks/{_segment(task_id)}/events",
+            headers={"Accept": "text/event-stream"},
+        )
+
+    def _events_read(self, polling: Polling) -> float:
+        """How long one read of a task's event stream may wait: through no silence longer
+        than a proxy holding the stream back makes, and never past the wait's deadline."""
+        return max(0.01, min(EVENTS_SILENCE, polling.left()))
+
+    def _events_reopen(self, polling: Polling, read: float) -> bool:
+        """The stream reads with the silence bound and the deadline is now nearer than that:
+        open it again, bounded by what is left."""
+        return read >= EVENTS_SILENCE and polling.left() < read
+
+    def _events_timeout(self, read: float) -> httpx.Timeout:
+        return httpx.Timeout(self.timeout, read=read)
+
     def _image_call(self, task_id: str) -> Call:
         return Call("GET", f"/api/images/tasks/{_segment(task_id)}/image")
 
@@ -592,6 +612,38 @@ class DeltaReader:
             raise ServerError("the enhancement stream ended early", code="stream_incomplete")
 
 
+# --------------------------------------------------------------------------- task events
+
+# a server sends a task's answer at once and a comment every 15 s (by default) while nothing
+# changes: silence this long means a proxy holds the stream back (or the server is gone), and
+# `wait()` polls instead
+EVENTS_SILENCE = 20.0
+
+
+class BrokenStream(Exception):
+    """An event that is not a task's JSON (a proxy rewrote the stream?): `wait()` polls."""
+
+
+class EventReader:
+    """Reads the lines of a task's event stream (`/api/images/tasks/{id}/events`) into tasks:
+    `feed()` gives the task of a `data:` line, None for anything else (comments, ids)."""
+
+    def feed(self, line: str) -> Task | None:
+        if not line.startswith("data:"):
+            return None
+        try:
+            return Task.from_json(json.loads(line[5:].strip()))
+        except (ValueError, ServerError):
+            raise BrokenStream("an event that is not a task") from None
+
+
+def is_event_stream(response: httpx.Response) -> bool:
+    """A server that knows task events answers them as a stream; an older one (or a proxy
+    that does not pass them) answers something else, and `wait()` polls."""
+    content_type = response.headers.get("content-type", "")
+    return response.status_code == 200 and content_type.startswith("text/event-stream")
+
+
 # --------------------------------------------------------------------------- wait
 
 
@@ -624,6 +676,14 @@ class Polling:
             if self._on_update is not None:
                 self._on_update(task)
         return task.finished
+
+    def check(self) -> None:
+        """Raise WaitTimeout once time is up."""
+        self.pause()
+
+    def left(self) -> float:
+        """Seconds before the wait's deadline."""
+        return self._deadline - self._clock()
 
     def pause(self) -> float:
         """Seconds to sleep before the next poll; raises WaitTimeout once time is up."""

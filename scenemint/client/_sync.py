@@ -16,8 +16,10 @@ from ._base import (
     DEFAULT_SERVER,
     GENERATE_TIMEOUT,
     BaseClient,
+    BrokenStream,
     Call,
     DeltaReader,
+    EventReader,
     GenerateRetries,
     ImageFile,
     OnUpdate,
@@ -25,11 +27,12 @@ from ._base import (
     Quota,
     Reference,
     Task,
+    is_event_stream,
     new_idempotency_key,
     read_reference,
     transport_errors,
 )
-from ._errors import ClientError
+from ._errors import ClientError, ConnectionFailed
 
 
 class Client(BaseClient):
@@ -121,18 +124,51 @@ class Client(BaseClient):
         poll_interval: float = 1.0,
         on_update: OnUpdate | None = None,
     ) -> Task:
-        """Poll until the task is completed or failed; `on_update(task)` on each new status.
+        """Wait until the task is completed or failed; `on_update(task)` on each new status.
 
-        Returns the final task (a failed task is returned, not raised); raises WaitTimeout.
+        Follows the task's events (pushed by the server as they happen); polls every
+        `poll_interval` seconds instead when the server is older, a proxy holds the stream
+        back, or the stream ends before the task does. Returns the final task (a failed
+        task is returned, not raised); raises WaitTimeout.
         """
         polling = Polling(
             task_id, timeout=timeout, poll_interval=poll_interval, on_update=on_update
         )
+        final = self._follow_events(task_id, polling)
+        if final is not None:
+            return final
         while True:
             task = self.task(task_id)
             if polling.seen(task):
                 return task
             time.sleep(polling.pause())
+
+    def _follow_events(self, task_id: str, polling: Polling) -> Task | None:
+        """The final task from its event stream; None when it must be polled instead.
+
+        A stream opened long before the wait's deadline reads with the silence bound; once
+        the deadline is nearer than that, it is opened again with what is left (the first
+        event is the current answer: nothing is lost), so no read outlives the deadline."""
+        call = self._events_call(task_id)
+        reader = EventReader()
+        while True:
+            read = self._events_read(polling)
+            options = {**self._request_options(call), "timeout": self._events_timeout(read)}
+            try:
+                with transport_errors(self.server), self._http.stream(**options) as response:
+                    if not is_event_stream(response):
+                        return None
+                    for line in response.iter_lines():
+                        task = reader.feed(line)
+                        if task is not None and polling.seen(task):
+                            return task
+                        polling.check()
+                        if self._events_reopen(polling, read):
+                            break  # open it again with a read bound the deadline allows
+                    else:
+                        return None  # it ended before the task did: poll
+            except (ConnectionFailed, BrokenStream):
+                return None  # silence, a cut or broken stream: polling picks up from here
 
     @overload
     def download(self, task_id: str) -> bytes: ...

@@ -269,6 +269,10 @@ class Store(QuotaStore, Protocol):
 
     async def audit(self) -> AuditReport: ...
 
+    async def versions(self, ids: list[str]) -> dict[str, int]:
+        """The current version of each of `ids` that exists (task events)."""
+        ...
+
     async def remember_upstreams(self, described: dict[str, str]) -> None:
         """Keep the (non-secret) description of each configured upstream, by name."""
         ...

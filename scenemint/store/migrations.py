@@ -148,6 +148,20 @@ _V7 = [
 ]
 
 
+# task events across instances (PostgreSQL): every change of a task's answer (every settlement
+# write bumps updated_at; claims and lease renewals do not) is notified, with the task's id
+_V8 = {
+    "sqlite": [],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION scenemint_task_changed() RETURNS trigger LANGUAGE plpgsql AS"
+        " $$ BEGIN PERFORM pg_notify('scenemint_task', NEW.id); RETURN NULL; END $$",
+        "CREATE TRIGGER tasks_changed AFTER UPDATE ON tasks FOR EACH ROW"
+        " WHEN (OLD.updated_at IS DISTINCT FROM NEW.updated_at)"
+        " EXECUTE FUNCTION scenemint_task_changed()",
+    ],
+}
+
+
 def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
     types = _TYPES[dialect]
     return [
@@ -158,4 +172,5 @@ def migrations_for(dialect: str) -> list[tuple[int, list[str]]]:
         (5, [statement.format(**types) for statement in _V5]),
         (6, [statement.format(**types) for statement in _V6]),
         (7, [statement.format(**types) for statement in _V7]),
+        (8, list(_V8[dialect])),
     ]

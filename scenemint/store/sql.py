@@ -197,6 +197,7 @@ class _PostgresBackend(_Backend):
             timeout=_POOL_WAIT,
         )
         self._bound = threading.local()  # seconds a call may wait (`bounded`), per thread
+        self._url = url
         self._pool.open(wait=True, timeout=10)
 
     @contextmanager
@@ -227,6 +228,33 @@ class _PostgresBackend(_Backend):
                 bound.seconds = None
 
         return run
+
+    def listen(
+        self, loop: asyncio.AbstractEventLoop, callback: Callable[[str], object]
+    ) -> Callable[[], None]:
+        """A thread LISTENing on `scenemint_task` with a connection of its own (not the
+        pool's): each notification's payload (a task id) goes to `callback` in `loop`."""
+        import psycopg
+
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.is_set():
+                try:
+                    with psycopg.connect(self._url, autocommit=True, connect_timeout=5) as conn:
+                        conn.execute("LISTEN scenemint_task")
+                        while not stop.is_set():
+                            for note in conn.notifies(timeout=1.0):
+                                loop.call_soon_threadsafe(callback, note.payload)
+                except psycopg.Error as exc:
+                    log.warning("task events: the listening connection failed: %s", exc)
+                    stop.wait(1.0)
+                except RuntimeError:  # the loop is closed: the service is gone
+                    return
+
+        thread = threading.Thread(target=run, name="store-listen", daemon=True)
+        thread.start()
+        return stop.set
 
     def close(self) -> None:
         self._pool.close()
@@ -959,6 +987,30 @@ class SQLStore:
 
     async def audit(self) -> AuditReport:
         return await self._call(self._read(_audit))
+
+    # -- changes of other processes (task events) -------------------------------------
+
+    async def versions(self, ids: list[str]) -> dict[str, int]:
+        """The current version of each of `ids` that exists."""
+        if not ids:
+            return {}
+        marks = ", ".join("?" for _ in ids)
+        rows = await self._call(
+            self._read(
+                lambda tx: tx.all(f"SELECT id, version FROM tasks WHERE id IN ({marks})", *ids)
+            )
+        )
+        return {str(task_id): int(version) for task_id, version in rows}
+
+    async def listen(self, callback: Callable[[str], object]) -> Callable[[], None] | None:
+        """Call `callback(task_id)` (in the running loop) whenever another connection changed
+        a task's answer: PostgreSQL's NOTIFY, from a listening thread of its own that
+        reconnects after a failure. None on SQLite (no notifications: poll `versions`)."""
+        if self.dialect != "postgresql":
+            return None
+        backend = self._backend
+        assert isinstance(backend, _PostgresBackend)
+        return backend.listen(asyncio.get_running_loop(), callback)
 
     # -- upstreams -------------------------------------------------------------------------
 

@@ -24,8 +24,9 @@ from ..reconciler import Reconciler
 from ..service import ImageService, open_router
 from ..store import open_store
 from .envelope import install_error_handlers
-from .fastpath import TaskPollFastPath
+from .fastpath import TaskRoutes
 from .middleware import RequestLogMiddleware
+from .openapi import complete
 from .routes import router
 from .server import CLOSED_COUNTER
 
@@ -45,9 +46,15 @@ class ServiceApp(FastAPI):
         if self._front is None:
             framework = super().__call__
             self._front = RequestLogMiddleware(
-                TaskPollFastPath(framework, state=self.state), metrics=self.state.metrics
+                TaskRoutes(framework, state=self.state), metrics=self.state.metrics
             )
         await self._front(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, completed with the task routes and the real answers."""
+        if self.openapi_schema is None:
+            self.openapi_schema = complete(super().openapi())
+        return self.openapi_schema
 
 
 def create_app(settings: Settings | None = None, *, demo: bool = False) -> ServiceApp:
@@ -57,6 +64,7 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with AsyncExitStack() as stack:
+            stack.callback(metrics.close)  # the last thing this worker does
             settings = base_settings
             if demo:
                 settings = await _start_demo(stack, settings)
@@ -77,6 +85,8 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
                 settings=settings, store=store, router=router, metrics=metrics, images=images
             )
             stack.enter_context(_stop_signals(service))
+            await service.events.start()
+            stack.push_async_callback(service.events.stop)
             reconciler = Reconciler(service)
             copies = copier(service)
             # jobs run where an OpenAI Images upstream can send them, each upstream's its own

@@ -1,21 +1,23 @@
-"""The public routes. Each binds the request, calls the service, and wraps the answer."""
+"""The public routes. Each binds the request, calls the service, and wraps the answer.
+
+The task routes (poll, image, events) are answered below the framework (`fastpath.py`);
+the OpenAPI document of all of them is `openapi.py`'s.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.background import BackgroundTask
 from starlette.responses import Response
 
-from ..errors import ImageMissing
 from ..messages import prefers_chinese
 from ..service import ImageService
 from ..validation import clean_fingerprint
 from .bodies import read_generate, read_json
-from .envelope import ok, ok_body_encoded
-from .images import serve_image
+from .envelope import ok
 from .streaming import ClosingStreamResponse, unless_client_leaves
 
 
@@ -29,61 +31,7 @@ ServiceDep = Annotated[ImageService, Depends(get_service)]
 router = APIRouter()
 
 
-def _json_body(schema: dict[str, Any], *, multipart: bool = False) -> dict[str, Any]:
-    """OpenAPI description of a body we read ourselves (to keep our own limits and errors)."""
-    content: dict[str, Any] = {"application/json": {"schema": schema}}
-    if multipart:
-        form = {
-            **schema,
-            "properties": {**schema["properties"], "image": {"type": "string", "format": "binary"}},
-        }
-        content["multipart/form-data"] = {"schema": form}
-    return {"requestBody": {"required": True, "content": content}}
-
-
-_STRING = {"type": "string"}
-_GENERATE = {
-    "type": "object",
-    "required": ["prompt", "fingerprint"],
-    "properties": {
-        "prompt": _STRING,
-        "size": {"type": "string", "enum": ["1:1", "16:9", "9:16"]},
-        "fingerprint": _STRING,
-    },
-}
-_FINGERPRINT = {
-    "type": "object",
-    "required": ["fingerprint"],
-    "properties": {"fingerprint": _STRING},
-}
-_ENHANCE = {
-    "type": "object",
-    "required": ["prompt", "direction"],
-    "properties": {
-        "prompt": _STRING,
-        "direction": {"type": "string", "enum": ["details", "creative"]},
-    },
-}
-
-
-_IDEMPOTENCY_HEADER = {
-    "parameters": [
-        {
-            "name": "Idempotency-Key",
-            "in": "header",
-            "required": False,
-            "description": "Any string of 1 to 255 printable ASCII characters. The same key"
-            " with the same body returns the same task without a second charge.",
-            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-        }
-    ]
-}
-
-
-@router.post(
-    "/api/images/generate",
-    openapi_extra={**_json_body(_GENERATE, multipart=True), **_IDEMPOTENCY_HEADER},
-)
+@router.post("/api/images/generate")
 async def generate(request: Request, service: ServiceDep) -> Response:
     """Charge one credit and submit a generation (JSON) or an edit (multipart with `image`)."""
     body = await read_generate(
@@ -108,32 +56,7 @@ async def generate(request: Request, service: ServiceDep) -> Response:
     return answer
 
 
-@router.get("/api/images/tasks/{task_id}")
-async def get_task(task_id: str, request: Request, service: ServiceDep) -> Response:
-    """The task's current state; the "missing" shape for unknown ids."""
-    data = await service.task_answer(task_id, chinese=_chinese(request))
-    return Response(ok_body_encoded(data), media_type="application/json")
-
-
-def _chinese(request: Request) -> bool:
-    return prefers_chinese(request.headers.get("accept-language"))
-
-
-# two routes, not one with methods=["GET", "HEAD"]: that one gives both operations the same
-# OpenAPI operationId (an invalid schema, and a warning each time it is built)
-@router.get("/api/images/tasks/{task_id}/image")
-@router.head("/api/images/tasks/{task_id}/image", operation_id="head_task_image")
-async def get_image(task_id: str, request: Request, service: ServiceDep) -> Response:
-    """The finished image, from our image store. Immutable: cacheable for ever; single
-    ranges, conditional requests, and (SCENEMINT_IMAGE_REDIRECT=presigned) redirects."""
-    image = await service.image(task_id)
-    try:
-        return await serve_image(request, image, service.settings)
-    except ImageMissing as missing:
-        raise await service.image_missing(missing) from None
-
-
-@router.post("/api/prompts/enhance", openapi_extra=_json_body(_ENHANCE))
+@router.post("/api/prompts/enhance")
 async def enhance(request: Request, service: ServiceDep) -> Response:
     """Stream a rewrite of the prompt as OpenAI chat.completion.chunk SSE frames."""
     data = await read_json(request, limit=service.settings.max_json_bytes)
@@ -152,7 +75,11 @@ async def enhance(request: Request, service: ServiceDep) -> Response:
     )
 
 
-@router.post("/api/quota/status", openapi_extra=_json_body(_FINGERPRINT))
+def _chinese(request: Request) -> bool:
+    return prefers_chinese(request.headers.get("accept-language"))
+
+
+@router.post("/api/quota/status")
 async def quota_status(request: Request, service: ServiceDep) -> Response:
     """Balance, whether today's grant was taken, the cap and the daily grant."""
     data = await read_json(request, limit=service.settings.max_json_bytes)
@@ -160,7 +87,7 @@ async def quota_status(request: Request, service: ServiceDep) -> Response:
     return ok(status.to_json())
 
 
-@router.post("/api/quota/check-in", openapi_extra=_json_body(_FINGERPRINT))
+@router.post("/api/quota/check-in")
 async def quota_check_in(request: Request, service: ServiceDep) -> Response:
     """Take today's grant (once per calendar day, up to the cap)."""
     data = await read_json(request, limit=service.settings.max_json_bytes)
