@@ -34,7 +34,7 @@ What runs, all on 127.0.0.1:
 Then the faults stop, both instances are restarted (SIGTERM), everything settles (bounded),
 and the run checks:
 
-(a) `python -m scenemint credits audit` passes on the database;
+(a) `python -m scenemint audit credits` passes on the database;
 (b) for every fingerprint: balance = grants − the tasks it received an id for (an answer
     with status 200) whose final state is not `failed` (read from the database directly);
     which is: no task is left charged that its client never received;
@@ -1077,7 +1077,7 @@ def run_audit(url: str, workdir: Path) -> tuple[int, str]:
         "SCENEMINT_DATABASE_URL": url,
     }
     done = subprocess.run(
-        [sys.executable, "-m", "scenemint", "credits", "audit"],
+        [sys.executable, "-m", "scenemint", "audit", "credits"],
         env=env,
         cwd=workdir,
         capture_output=True,

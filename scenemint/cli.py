@@ -1,5 +1,8 @@
-"""The `scenemint` command line: run the service, run the demo upstream, audit credits;
-the client commands (generate, enhance, credits) live in `cli_client`."""
+"""The `scenemint` command line: run the service, run the demo upstream, list the upstreams,
+audit the books; the client commands (generate, wait, enhance, credits) live in `cli_client`.
+
+Every setting is read through `_settings()`: a bad one is a line naming the variable, its
+value and what is allowed, and exit code 2 — never a traceback."""
 
 from __future__ import annotations
 
@@ -8,21 +11,58 @@ import os
 import signal
 import time
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from .cli_client import credits, enhance, generate
-from .config import Settings
+from .cli_client import credits, enhance, generate, wait
+from .config import Settings, SettingsError, load_settings
+
+if TYPE_CHECKING:
+    from .store import SQLStore
 
 app = typer.Typer(
     help="SceneMint: a credit-limited gateway for AI image generation.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: no boxes, no type tag on every flag
 )
-credits_app = typer.Typer(help="Credits: balance and check-in, and the server-side audit.")
-credits_app.callback(invoke_without_command=True)(credits)
+audit_app = typer.Typer(
+    help="Check the server's books: run where the server runs, with its settings.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"scenemint {version('scenemint')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = False,
+) -> None:
+    """SceneMint: a credit-limited gateway for AI image generation."""
+
+
+def _settings() -> Settings:
+    """The settings, or each bad one on a line of its own and exit code 2."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        for line in exc.lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
 
 
 @app.command()
@@ -53,7 +93,7 @@ def serve(
         if upstream_kind not in ("chatgpt2api", "openai"):
             raise typer.BadParameter("--upstream-kind is chatgpt2api or openai")
         os.environ["SCENEMINT_UPSTREAM_KIND"] = upstream_kind  # workers read it there too
-    settings = Settings()
+    settings = _settings()
     if host is not None or port is not None:
         settings = settings.model_copy(
             update={
@@ -71,7 +111,11 @@ def serve(
         raise typer.Exit(2) from None
     _raise_open_files_limit()
     if workers > 1 and demo:
-        raise typer.BadParameter("--demo runs one process: its demo upstream lives inside it")
+        raise typer.BadParameter(
+            "--demo runs one process (its demo upstream lives inside it). For several"
+            " workers, run `scenemint demo-upstream --port 3200` and point the workers at it:"
+            " CHATGPT2API_BASE_URL=http://127.0.0.1:3200 CHATGPT2API_API_KEY=any"
+        )
     if workers > 1:
         # each worker builds its own app (and its own upstream pool) from the environment,
         # and its connection limits too (the protocol reads them there, once per process)
@@ -106,39 +150,16 @@ def demo_upstream(
         str | None, typer.Option(help="Require this bearer key (default: accept any).")
     ] = None,
 ) -> None:
-    """Serve a local DEMO of the chatgpt2api protocol: drawn images, rule-based rewrites."""
+    """Serve a local DEMO upstream: draws images itself (no AI), rewrites prompts by rules.
+
+    It speaks both protocols the service uses: chatgpt2api's task API and the OpenAI Images
+    API (SCENEMINT_UPSTREAM_KIND=openai), and streams chat completions. It keeps its tasks
+    in memory: a restart forgets them (the service then refunds their credits)."""
     from .demo import run_demo_upstream
     from .logs import configure_logging
 
-    configure_logging(Settings())
+    configure_logging(_settings())
     run_demo_upstream(host=host, port=port, api_key=api_key)
-
-
-@credits_app.command("audit")
-def credits_audit() -> None:
-    """Check every balance against the journal; exit 1 on any violation."""
-    from .store import open_store
-
-    async def run() -> bool:
-        store = await open_store(Settings())
-        try:
-            report = await store.audit()
-        finally:
-            await store.close()
-        states = ", ".join(f"{k} {v}" for k, v in sorted(report.tasks_by_state.items())) or "none"
-        typer.echo(
-            f"accounts {report.accounts}, tasks {report.tasks} ({states})\n"
-            f"granted {report.grants}, charged {report.charges}, refunded {report.refunds}"
-        )
-        for violation in report.violations:
-            typer.echo(f"VIOLATION: {violation}", err=True)
-        typer.echo(
-            "audit passed" if report.ok else f"audit FAILED: {len(report.violations)} violation(s)"
-        )
-        return report.ok
-
-    if not asyncio.run(run()):
-        raise typer.Exit(1)
 
 
 @app.command("upstreams")
@@ -157,7 +178,7 @@ def upstreams_command(
     from .store import open_store
     from .upstream.config import UpstreamsError, load_upstreams
 
-    settings = Settings()
+    settings = _settings()
     try:
         configs = load_upstreams(settings)
     except UpstreamsError as exc:
@@ -222,10 +243,36 @@ def _breakers_of(server: str) -> dict[str, set[str]]:
     return opened
 
 
-images_app = typer.Typer(help="The image store: check it against the ledger.")
+@audit_app.command("credits")
+def credits_audit() -> None:
+    """Check every balance against the journal of grants, charges and refunds; exit 1 on
+    any violation. Says which database it checked; one that does not exist is an error."""
+    settings = _settings()
+    _say_database(settings)
+
+    async def run() -> bool:
+        store = await _existing_store(settings)
+        try:
+            report = await store.audit()
+        finally:
+            await store.close()
+        states = ", ".join(f"{k} {v}" for k, v in sorted(report.tasks_by_state.items())) or "none"
+        typer.echo(
+            f"accounts {report.accounts}, tasks {report.tasks} ({states})\n"
+            f"granted {report.grants}, charged {report.charges}, refunded {report.refunds}"
+        )
+        for violation in report.violations:
+            typer.echo(f"VIOLATION: {violation}", err=True)
+        typer.echo(
+            "audit passed" if report.ok else f"audit FAILED: {len(report.violations)} violation(s)"
+        )
+        return report.ok
+
+    if not asyncio.run(run()):
+        raise typer.Exit(1)
 
 
-@images_app.command("audit")
+@audit_app.command("images")
 def images_audit(
     delete_orphans: Annotated[
         bool,
@@ -236,15 +283,18 @@ def images_audit(
         ),
     ] = False,
 ) -> None:
-    """Every completed, unexpired task has its image in the store (of the recorded size);
-    exit 1 otherwise. Objects of no task are counted: expected after a crash."""
+    """Every completed, unexpired task has its image in the image store (of the recorded
+    size); exit 1 otherwise. Objects of no task are counted: expected after a crash. Says
+    which database and image store it checked."""
     from .images import open_image_store
     from .images.audit import ORPHAN_GRACE, audit_images
-    from .store import open_store
+
+    settings = _settings()
+    _say_database(settings)
+    typer.echo(f"image store: {_image_store_of(settings)}")
 
     async def run() -> bool:
-        settings = Settings()
-        store = await open_store(settings)
+        store = await _existing_store(settings)
         images = open_image_store(
             settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
         )
@@ -276,10 +326,58 @@ def images_audit(
         raise typer.Exit(1)
 
 
+def _say_database(settings: Settings) -> None:
+    """Name the database an audit checks; one that does not exist is an error (exit 2): an
+    audit never creates the database it checks."""
+    url = settings.resolved_database_url()
+    typer.echo(f"database: {_shown_url(url)}")
+    if url.startswith("sqlite:///") and not os.path.isfile(url[len("sqlite:///") :]):
+        typer.echo(
+            f"error: no database at {_shown_url(url)}: nothing to audit (run the audit where"
+            " the server runs, with its SCENEMINT_DATA_DIR or SCENEMINT_DATABASE_URL)",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
+def _shown_url(url: str) -> str:
+    """A database URL for people: its password never printed; SQLite's path absolute."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    if url.startswith("sqlite:///"):
+        return "sqlite:///" + os.path.abspath(url[len("sqlite:///") :])
+    parts = urlsplit(url)
+    if parts.password:
+        host = parts.hostname or ""
+        netloc = f"{parts.username}:***@{host}" + (f":{parts.port}" if parts.port else "")
+        parts = parts._replace(netloc=netloc)
+    return urlunsplit(parts)
+
+
+def _image_store_of(settings: Settings) -> str:
+    if settings.image_store:
+        return settings.image_store
+    return "file://" + os.path.abspath(settings.data_dir / "images")
+
+
+async def _existing_store(settings: Settings) -> SQLStore:
+    """The ledger to audit (`_say_database` checked that it exists)."""
+    from .errors import ScenemintError
+    from .store import open_store
+
+    url = settings.resolved_database_url()
+    try:
+        return await open_store(settings)
+    except ScenemintError as exc:
+        typer.echo(f"error: cannot open the database {_shown_url(url)}: {exc.detail}", err=True)
+        raise typer.Exit(2) from None
+
+
 app.command()(generate)
+app.command()(wait)
 app.command()(enhance)
-app.add_typer(credits_app, name="credits")
-app.add_typer(images_app, name="images")
+app.command()(credits)
+app.add_typer(audit_app, name="audit")
 
 
 def _raise_open_files_limit() -> None:

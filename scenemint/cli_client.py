@@ -1,5 +1,5 @@
-"""The client half of the `scenemint` command: `generate`, `enhance` and `credits`, which talk
-to a running server through `scenemint.client`.
+"""The client half of the `scenemint` command: `generate`, `wait`, `enhance` and `credits`,
+which talk to a running server through `scenemint.client`.
 
 Output contract: results (the image path, the JSON, the rewrite, the balance) go to stdout;
 the status line and errors go to stderr. Every ClientError ends up in `_reported`: one line
@@ -29,6 +29,7 @@ ServerOption = Annotated[
     typer.Option(
         "--server",
         envvar="SCENEMINT_SERVER",
+        metavar="URL",
         help="URL of the SceneMint server.",
     ),
 ]
@@ -37,6 +38,7 @@ FingerprintOption = Annotated[
     typer.Option(
         "--fingerprint",
         envvar="SCENEMINT_FINGERPRINT",
+        metavar="ID",
         help="Fingerprint your credits are kept under (default: one stored in your config dir).",
         show_default=False,
     ),
@@ -55,11 +57,20 @@ def _reported(*, server: str, fingerprint: str | None = None) -> Iterator[None]:
         message = " ".join(exc.message.split())
         if isinstance(exc, NoCreditsError):
             message += f" Run `{_check_in_command(server, fingerprint)}`."
+        elif exc.code in _NOT_CONFIGURED:
+            message += (
+                " The server has no upstream configured: its operator sets"
+                " SCENEMINT_UPSTREAMS_FILE, or CHATGPT2API_BASE_URL and CHATGPT2API_API_KEY"
+                " (or runs `scenemint serve --demo` to try it)."
+            )
         typer.echo(f"error: {message}", err=True)
         raise typer.Exit(2 if isinstance(exc, InvalidInputError) else 1) from None
     except KeyboardInterrupt:
         typer.echo("error: interrupted", err=True)
         raise typer.Exit(130) from None
+
+
+_NOT_CONFIGURED = frozenset({"upstream_not_configured", "enhance_not_configured"})
 
 
 def _check_in_command(server: str, fingerprint: str | None) -> str:
@@ -117,31 +128,58 @@ class StatusLine:
             self._console.print(self.__rich__(), highlight=False, markup=False)
 
 
+OutputOption = Annotated[
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        metavar="FILE",
+        help="Where to write the image (default: scenemint-<first 8 of the id>.png).",
+        show_default=False,
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print the final task as JSON instead of the path.")
+]
+TimeoutOption = Annotated[
+    float,
+    typer.Option("--timeout", min=0.1, metavar="SECONDS", help="Give up waiting after this long."),
+]
+PollOption = Annotated[
+    float,
+    typer.Option(
+        "--poll-interval",
+        min=0.01,
+        metavar="SECONDS",
+        help="Between two status checks when the server's events do not come through.",
+    ),
+]
+
+
 def generate(
-    prompt: Annotated[str, typer.Argument(help="What the image should show.", show_default=False)],
-    size: Annotated[str, typer.Option("--size", help="Aspect ratio: 1:1, 16:9 or 9:16.")] = "1:1",
+    prompt: Annotated[str, typer.Argument(help="What the image should show.", metavar="PROMPT")],
+    size: Annotated[
+        str, typer.Option("--size", metavar="RATIO", help="Aspect ratio: 1:1, 16:9 or 9:16.")
+    ] = "1:1",
     image: Annotated[
         Path | None,
-        typer.Option("--image", help="A reference image (PNG, JPEG, WebP, GIF) to edit from."),
-    ] = None,
-    output: Annotated[
-        Path | None,
         typer.Option(
-            "-o", "--output", help="Where to write the image (default: scenemint-<id>.png)."
+            "--image",
+            metavar="FILE",
+            help="A reference image (PNG, JPEG, WebP, GIF) to edit from.",
+            show_default=False,
         ),
     ] = None,
+    output: OutputOption = None,
     no_wait: Annotated[
-        bool, typer.Option("--no-wait", help="Submit, print the task id and return.")
+        bool,
+        typer.Option(
+            "--no-wait", help="Submit, print the task id and return (`scenemint wait` it later)."
+        ),
     ] = False,
-    as_json: Annotated[
-        bool, typer.Option("--json", help="Print the final task as JSON instead of the path.")
-    ] = False,
-    timeout: Annotated[
-        float, typer.Option("--timeout", min=0.1, help="Give up waiting after this many seconds.")
-    ] = 600.0,
-    poll_interval: Annotated[
-        float, typer.Option("--poll-interval", min=0.01, help="Seconds between status checks.")
-    ] = 1.0,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 600.0,
+    poll_interval: PollOption = 1.0,
     server: ServerOption = DEFAULT_SERVER,
     fingerprint: FingerprintOption = None,
 ) -> None:
@@ -154,32 +192,60 @@ def generate(
         if no_wait:
             typer.echo(_json(submitted.to_json()) if as_json else submitted.id)
             return
-        with StatusLine(Console(stderr=True), submitted) as status:
-            final = client.wait(
-                submitted.id,
-                timeout=timeout,
-                poll_interval=poll_interval,
-                on_update=status.update,
-            )
-        # the polled task does not repeat what only the submission answer knew
-        final = dataclasses.replace(
-            final, prompt=submitted.prompt, remaining_credits=submitted.remaining_credits
+        _finish(client, submitted, output, as_json, timeout, poll_interval)
+
+
+def wait(
+    task_id: Annotated[
+        str, typer.Argument(help="A task id (from `generate --no-wait`).", metavar="TASK_ID")
+    ],
+    output: OutputOption = None,
+    as_json: JsonOption = False,
+    timeout: TimeoutOption = 600.0,
+    poll_interval: PollOption = 1.0,
+    server: ServerOption = DEFAULT_SERVER,
+) -> None:
+    """Wait for a task (live status as `generate` shows it) and write its image to a file."""
+    with _reported(server=server), Client(server) as client:
+        _finish(client, client.task(task_id), output, as_json, timeout, poll_interval)
+
+
+def _finish(
+    client: Client,
+    task: Task,
+    output: Path | None,
+    as_json: bool,
+    timeout: float,
+    poll_interval: float,
+) -> None:
+    """Wait for `task` with the status line, then write its image (or say why it failed)."""
+    with StatusLine(Console(stderr=True), task) as status:
+        final = client.wait(
+            task.id, timeout=timeout, poll_interval=poll_interval, on_update=status.update
         )
-        if final.status == "failed":
-            if as_json:
-                # the credit came back since the submission answer: say what it is now
-                balance = client.quota().balance
-                typer.echo(_json({**final.to_json(), "remainingCredits": balance}))
-            raise ClientError(
-                f"the generation failed: {final.error or 'no reason given'}"
-                " (the credit was given back)",
-                code="generation_failed",
-            )
-        target = client.download(final.id, output or Path(f"scenemint-{final.id[:8]}.png"))
+    # the polled task does not repeat what only the submission answer knew
+    final = dataclasses.replace(
+        final,
+        prompt=final.prompt or task.prompt,
+        remaining_credits=task.remaining_credits,
+    )
+    if final.status == "failed":
         if as_json:
-            typer.echo(_json({**final.to_json(), "file": str(target)}))
-        else:
-            typer.echo(str(target))
+            data = final.to_json()
+            if task.remaining_credits is not None:
+                # the credit came back since the submission answer: say what it is now
+                data["remainingCredits"] = client.quota().balance
+            typer.echo(_json(data))
+        raise ClientError(
+            f"the generation failed: {final.error or 'no reason given'}"
+            + (" (the credit was given back)" if final.created_at else ""),
+            code="generation_failed",
+        )
+    target = client.download(final.id, output or Path(f"scenemint-{final.id[:8]}.png"))
+    if as_json:
+        typer.echo(_json({**final.to_json(), "file": str(target)}))
+    else:
+        typer.echo(str(target))
 
 
 def _json(value: object) -> str:
@@ -190,11 +256,13 @@ def _json(value: object) -> str:
 
 
 def enhance(
-    prompt: Annotated[str, typer.Argument(help="The prompt to improve.", show_default=False)],
+    prompt: Annotated[str, typer.Argument(help="The prompt to improve.", metavar="PROMPT")],
     direction: Annotated[
         str,
         typer.Option(
-            "--direction", help="details (more visual detail) or creative (a bolder take)."
+            "--direction",
+            metavar="DIRECTION",
+            help="details (more visual detail) or creative (a bolder take).",
         ),
     ] = "details",
     server: ServerOption = DEFAULT_SERVER,
@@ -215,17 +283,13 @@ def enhance(
 
 
 def credits(
-    ctx: typer.Context,
     check_in: Annotated[
         bool, typer.Option("--check-in", help="Take today's free credits first.")
     ] = False,
     server: ServerOption = DEFAULT_SERVER,
     fingerprint: FingerprintOption = None,
 ) -> None:
-    """Credits: your balance and today's check-in (`--check-in` takes it); `audit` checks the
-    server's database."""
-    if ctx.invoked_subcommand is not None:
-        return
+    """Your balance and today's check-in (`--check-in` takes it)."""
     with (
         _reported(server=server, fingerprint=fingerprint),
         Client(server, fingerprint=fingerprint) as client,

@@ -9,16 +9,18 @@ from __future__ import annotations
 import datetime as dt
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_origin
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 MiB = 1024 * 1024
 DEFAULT_OPENAI_SIZES = {"1:1": "1024x1024", "16:9": "1536x1024", "9:16": "1024x1536"}
 _SIZE = re.compile(r"\d{2,5}x\d{2,5}|auto")
+DOCS_ASSET_FILES = ("swagger-ui-bundle.js", "swagger-ui.css")
 
 
 def _env(*names: str) -> AliasChoices:
@@ -306,13 +308,41 @@ class Settings(BaseSettings):
         description="extra origins (scheme://host[:port]) images may be proxied from",
     )
 
+    # -- the API's interactive documentation ---------------------------------------
+    docs_assets: Path | None = Field(
+        None,
+        validation_alias=_env("SCENEMINT_DOCS_ASSETS"),
+        description="a directory with swagger-ui-dist's swagger-ui-bundle.js and"
+        " swagger-ui.css: /docs loads them from the service instead of a CDN (offline use)",
+    )
+
     # -- logging -----------------------------------------------------------------
-    log_level: str = Field("INFO", validation_alias=_env("SCENEMINT_LOG_LEVEL"))
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", validation_alias=_env("SCENEMINT_LOG_LEVEL")
+    )
     log_format: Literal["text", "json"] = Field(
         "text", validation_alias=_env("SCENEMINT_LOG_FORMAT")
     )
 
-    @field_validator("upstream_base_url", "upstreams_file", mode="before")
+    @field_validator("docs_assets")
+    @classmethod
+    def _has_swagger_ui(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        missing = [name for name in DOCS_ASSET_FILES if not (value / name).is_file()]
+        if missing:
+            raise ValueError(
+                f"needs {' and '.join(missing)} (the dist/ files of the npm package"
+                " swagger-ui-dist)"
+            )
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("upstream_base_url", "upstreams_file", "docs_assets", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         if isinstance(value, str) and not value.strip():
@@ -388,6 +418,75 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.data_dir / 'scenemint.sqlite3').as_posix()}"
+
+
+class SettingsError(Exception):
+    """Settings the service cannot run with: `lines`, one per bad variable, each naming the
+    variable, its value and what is allowed."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+def load_settings(**values: object) -> Settings:
+    """The settings from the environment (and `.env`); SettingsError saying what to fix."""
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError([_explain(error) for error in exc.errors()]) from None
+
+
+def _explain(error: Any) -> str:
+    name = str(error["loc"][0]) if error["loc"] else "settings"
+    field = _field_named(name)
+    hidden = field is not None and (
+        field.repr is False or field.annotation in (SecretStr, SecretStr | None)
+    )
+    value = "(hidden)" if hidden else repr(error.get("input"))[:80]
+    if error["type"] == "value_error":
+        reason = str(error["ctx"]["error"]).removeprefix(f"{name}: ").removeprefix(f"{name} ")
+    else:
+        reason = f"must be {_allowed(field)}" if field is not None else error["msg"]
+    return f"{name}={value} is not valid: {reason}"
+
+
+def _field_named(env_name: str) -> FieldInfo | None:
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        names = alias.choices if isinstance(alias, AliasChoices) else [alias or name]
+        if env_name in names or env_name == name:
+            return field
+    return None
+
+
+def _allowed(field: FieldInfo) -> str:
+    """What a field takes, for people: "an integer from 1 to 256", "one of text, json"."""
+    annotation = field.annotation
+    literal = getattr(annotation, "__args__", ()) if get_origin(annotation) is Literal else ()
+    if literal:
+        return "one of " + ", ".join(str(choice) for choice in literal)
+    kind = {int: "an integer", float: "a number", bool: "true or false"}.get(
+        annotation,  # type: ignore[arg-type]
+        "a value like the README's",
+    )
+    bounds = {type(m).__name__: m for m in field.metadata}
+    low = bounds.get("Ge") or bounds.get("Gt")
+    high = bounds.get("Le") or bounds.get("Lt")
+    if low is not None and high is not None:
+        return f"{kind} from {_bound(low)} to {_bound(high)}"
+    if low is not None:
+        return f"{kind} {'>' if type(low).__name__ == 'Gt' else '>='} {_bound(low)}"
+    if high is not None:
+        return f"{kind} {'<' if type(high).__name__ == 'Lt' else '<='} {_bound(high)}"
+    return kind
+
+
+def _bound(constraint: object) -> str:
+    for attribute in ("ge", "gt", "le", "lt"):
+        if hasattr(constraint, attribute):
+            return f"{getattr(constraint, attribute):g}"
+    return str(constraint)
 
 
 def openai_size(ours: str, theirs: str) -> str:

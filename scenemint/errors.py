@@ -20,7 +20,8 @@
 `code` is the machine code clients see in the envelope's `error` field; the
 human message is looked up by code in `scenemint.messages` in the caller's
 language. `detail` is for the log only and never reaches a client. `retry_after`
-(seconds), when set, is sent as the `Retry-After` header and in the envelope.
+(seconds), when set, is sent as the `Retry-After` header and in the envelope; `limit`
+(bytes), when set, is said in the message and sent in the envelope (what was too large).
 """
 
 from __future__ import annotations
@@ -30,15 +31,22 @@ class ScenemintError(Exception):
     code: str = "internal_error"
     status: int = 500
     retry_after: float | None = None
+    limit: int | None = None
 
     def __init__(
-        self, code: str | None = None, *, detail: str = "", retry_after: float | None = None
+        self,
+        code: str | None = None,
+        *,
+        detail: str = "",
+        retry_after: float | None = None,
+        limit: int | None = None,
     ) -> None:
         if code is not None:
             self.code = code
         self.detail = detail
         if retry_after is not None:
             self.retry_after = retry_after
+        self.limit = limit
         super().__init__(f"{self.code}: {detail}" if detail else self.code)
 
 

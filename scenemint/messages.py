@@ -38,8 +38,8 @@ MESSAGES: dict[str, tuple[str, str]] = {
     "image_not_ready": ("The image is not available.", "图片不存在或尚未生成。"),
     "payload_too_large": ("The request body is too large.", "请求体过大。"),
     "image_too_large": (
-        "The reference image is larger than the allowed size.",
-        "参考图超过允许的大小。",
+        "The reference image is too large.",
+        "参考图过大。",
     ),
     "upstream_failed": (
         "The image service failed. Please try again.",
@@ -133,7 +133,12 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "服务器正在重启，请稍后重试。",
     ),
     # why a task failed (the `error` of a failed task; its credit was given back)
-    "task_expired": ("task not found or expired", "任务不存在或已过期"),
+    "task_unknown": ("task not found or expired", "任务不存在或已过期"),
+    "task_expired": (
+        "The image service lost this task before it finished (it may have restarted)."
+        " Your credit was returned.",
+        "图片服务在任务完成前丢失了该任务（可能已重启），额度已退回。",
+    ),
     "generation_failed": ("The image generation failed.", "图片生成失败。"),
     "submit_refused": (
         "The image service refused the task. Your credit was returned.",
@@ -174,6 +179,20 @@ MESSAGES: dict[str, tuple[str, str]] = {
 def message_for(code: str, *, chinese: bool = False) -> str:
     english, zh = MESSAGES.get(code, MESSAGES["bad_request"])
     return zh if chinese else english
+
+
+def limit_sentence(limit: int, *, chinese: bool = False) -> str:
+    """What a "too large" message adds: the limit, in the reader's language."""
+    size = _bytes_for_people(limit)
+    return f"上限为 {size}。" if chinese else f" The limit is {size}."
+
+
+def _bytes_for_people(count: int) -> str:
+    for unit, factor in (("MiB", 1024 * 1024), ("KiB", 1024)):
+        if count >= factor:
+            value = count / factor
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{count} bytes"
 
 
 def prefers_chinese(accept_language: str | None) -> bool:

@@ -14,7 +14,9 @@ from .settlement import Fault
 SIZES = ("1:1", "16:9", "9:16")
 DEFAULT_SIZE = "1:1"
 # error codes of failed tasks with a meaning of their own here (see settlement.ErrorCode)
-MISSING_TASK = "task_expired"  # its English message is the original's "task not found or expired"
+# an id this service never made (or no longer knows): the original's "task not found or
+# expired", so that pollers stop; a task of ours its upstream forgot says more (task_expired)
+MISSING_TASK = "task_unknown"
 UPSTREAM_FAILURE = "generation_failed"
 
 # upstream status -> public status; anything unknown is "queued" so pollers keep polling

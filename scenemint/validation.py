@@ -83,7 +83,7 @@ def check_reference(
     if not data:
         raise BadRequest("empty_image")
     if len(data) > max_bytes:
-        raise PayloadTooLarge("image_too_large", detail=f"{len(data)} bytes")
+        raise PayloadTooLarge("image_too_large", detail=f"{len(data)} bytes", limit=max_bytes)
     declared = (content_type or "").split(";")[0].strip().lower()
     if not declared.startswith("image/"):
         raise BadRequest("invalid_image", detail=f"declared type {declared!r}")

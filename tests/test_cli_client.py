@@ -156,16 +156,20 @@ def test_credits_without_a_fingerprint_stores_one_and_keeps_it(cli, service, tmp
     assert "balance: 10 credits" in shown.stdout
 
 
-def test_credits_audit_still_audits_the_database(service, monkeypatch):
-    """`credits` got a callback of its own; its `audit` subcommand works as before."""
+def test_audit_credits_says_which_database_it_checked(service, monkeypatch):
+    """The server-side audit is `scenemint audit credits`; the client's `credits` is apart."""
     check_in(service)
     monkeypatch.setenv("SCENEMINT_DATA_DIR", str(service.settings.data_dir))
     monkeypatch.delenv("SCENEMINT_DATABASE_URL", raising=False)
-    result = CliRunner().invoke(app, ["credits", "audit"], catch_exceptions=False)
+    result = CliRunner().invoke(app, ["audit", "credits"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    database = (service.settings.data_dir / "scenemint.sqlite3").resolve()
+    assert result.stdout.splitlines()[0] == f"database: sqlite:///{database}"
     assert "accounts 1" in result.stdout
     assert "audit passed" in result.stdout
-    assert "balance:" not in result.stdout  # the overview did not run
+    assert "balance:" not in result.stdout  # the client's overview did not run
+    helped = CliRunner().invoke(app, ["credits", "--help"], catch_exceptions=False)
+    assert "audit" not in helped.stdout  # the client's command shows only its own options
 
 
 # --------------------------------------------------------------------------- generate
@@ -257,6 +261,47 @@ def test_generate_that_takes_too_long_gives_up(cli, service):
     result = cli("generate", "a lighthouse", "--timeout", "0.2", "--poll-interval", "0.05")
     assert result.exit_code == 1
     assert "did not finish within 0.2s" in result.stderr.splitlines()[-1]
+
+
+def test_wait_finishes_a_task_started_with_no_wait(cli, service, upstream, tmp_path):
+    check_in(service)
+    task_id = cli("generate", "a lighthouse", "--no-wait").stdout.strip()
+    upstream.complete_task(task_id, image=PICTURE)
+    result = cli("wait", task_id, "-o", "later.png", "--poll-interval", "0.02", fingerprint=None)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == "later.png\n"
+    assert (tmp_path / "later.png").read_bytes() == PICTURE
+    assert result.stderr.splitlines()[-1].split()[1] == "completed"  # the live status
+
+
+def test_wait_for_an_id_that_is_not_a_task_says_so(cli, service):
+    result = cli("wait", str(uuid.uuid4()), fingerprint=None)
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        "error: the generation failed: task not found or expired"
+    )
+
+
+def test_a_server_without_an_upstream_is_explained(tmp_path, client_env):
+    """The operator forgot the upstream: the user is told what the operator must set."""
+    from tests.conftest import make_settings
+    from tests.service_runner import running_service
+
+    with running_service(make_settings(tmp_path, None)) as bare:
+        check_in(bare)
+        result = CliRunner().invoke(
+            app,
+            ["generate", "a fox", "--server", bare.url, "--fingerprint", FINGERPRINT],
+            catch_exceptions=False,
+        )
+        enhanced = CliRunner().invoke(
+            app, ["enhance", "a fox", "--server", bare.url], catch_exceptions=False
+        )
+    for done in (result, enhanced):
+        assert done.exit_code == 1
+        line = one_error_line(done.stderr)
+        assert "no upstream configured" in line and "CHATGPT2API_BASE_URL" in line, line
+    assert "image service" not in one_error_line(enhanced.stderr)
 
 
 # --------------------------------------------------------------------------- enhance

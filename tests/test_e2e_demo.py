@@ -135,3 +135,35 @@ def test_demo_service_generates_serves_and_enhances(tmp_path, kind):
     assert "Finished server process" in log, log
     assert "Traceback" not in log, log
     assert "DEMO MODE" in log
+
+
+def test_a_demo_restart_says_the_task_was_lost_and_its_credit_returned(tmp_path):
+    """The demo upstream keeps its tasks in memory: after a restart of `serve --demo`, a task
+    that was in flight fails saying what happened and that the credit came back — not the
+    words for an id that never existed."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process, log_path = start_demo(tmp_path, port)
+    try:
+        wait_ready(process, url, log_path)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            http.post("/api/quota/check-in", json={"fingerprint": FINGERPRINT})
+            task = http.post(
+                "/api/images/generate",
+                json={"prompt": "a lighthouse at dusk", "fingerprint": FINGERPRINT},
+            ).json()["data"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)
+    process, log_path = start_demo(tmp_path, port)
+    try:
+        wait_ready(process, url, log_path)
+        with httpx.Client(base_url=url, timeout=10) as http:
+            state = http.get(f"/api/images/tasks/{task['id']}").json()["data"]
+            assert state["status"] == "failed", state
+            assert "lost this task" in state["error"] and "credit was returned" in state["error"]
+            balance = http.post("/api/quota/status", json={"fingerprint": FINGERPRINT})
+            assert balance.json()["data"]["balance"] == 10
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(20)

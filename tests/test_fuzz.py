@@ -130,3 +130,21 @@ def test_fuzzed_requests_get_enveloped_answers_and_move_no_credit_when_refused(c
         assert content_type.startswith(("text/event-stream", "image/", "application/octet-"))
     if 400 <= status < 500:
         assert after == before, f"a refused request moved credits: {before} -> {after}"
+
+
+def test_docs_load_swagger_ui_from_the_service_when_given_its_files(tmp_path, fuzz_upstream):
+    """SCENEMINT_DOCS_ASSETS: /docs works offline (no CDN), its files served by the service."""
+    assets = tmp_path / "swagger-ui"
+    assets.mkdir()
+    (assets / "swagger-ui-bundle.js").write_text("/* the bundle */")
+    (assets / "swagger-ui.css").write_text("/* the style */")
+    settings = make_settings(tmp_path, fuzz_upstream, docs_assets=assets)
+    with running_service(settings) as running:
+        page = running.http.get("/docs")
+        assert page.status_code == 200
+        assert "/docs/assets/swagger-ui-bundle.js" in page.text
+        assert "cdn.jsdelivr.net" not in page.text
+        assert running.http.get("/docs/assets/swagger-ui-bundle.js").text == "/* the bundle */"
+        assert running.http.get("/docs/assets/swagger-ui.css").text == "/* the style */"
+    with running_service(make_settings(tmp_path / "default", fuzz_upstream)) as running:
+        assert "cdn.jsdelivr.net" in running.http.get("/docs").text  # the default, online

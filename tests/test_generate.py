@@ -286,7 +286,13 @@ def test_a_reference_one_byte_over_10_mib_is_413(funded, upstream):
     image = png_of_size(10 * MiB + 1)
     answer = generate_form(funded, {"image": ("big.png", image, "image/png")})
     assert_envelope(answer, 413, "image_too_large")
+    assert answer.json()["limit"] == 10 * MiB
+    assert answer.json()["message"] == "The reference image is too large. The limit is 10 MiB."
     assert_nothing_happened(funded, upstream, before=10)
+    chinese = generate_form(
+        funded, {"image": ("big.png", image, "image/png")}, headers={"Accept-Language": "zh"}
+    )
+    assert chinese.json()["message"] == "参考图过大。上限为 10 MiB。"
 
 
 NOT_IMAGES = [
@@ -433,6 +439,8 @@ def test_json_that_is_not_an_object_is_400(funded, upstream):
 def test_a_json_body_over_the_limit_is_413(funded, upstream):
     answer = generate(funded, prompt="x" * (70 * 1024))
     assert_envelope(answer, 413, "payload_too_large")
+    assert answer.json()["limit"] == 64 * 1024
+    assert answer.json()["message"].endswith(" The limit is 64 KiB.")
     assert_nothing_happened(funded, upstream, before=10)
 
 

@@ -139,12 +139,12 @@ def test_the_images_audit_checks_the_bucket(tmp_path, upstream, logs, s3_server,
         "SCENEMINT_IMAGE_STORE": f"s3://{bucket}/p",
     }
     runner = CliRunner()
-    result = runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
+    result = runner.invoke(app, ["audit", "images"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "1 live" in result.stdout
     orphan = "ab/ab" + "0" * 62
     assert httpx.put(f"{s3_server}/{bucket}/p/{orphan}", content=b"x").status_code == 200
-    result = runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
+    result = runner.invoke(app, ["audit", "images"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output  # an expected leftover, not a violation
     assert "objects of no task 1: expected after a crash" in result.output
 

@@ -798,7 +798,7 @@ def test_the_images_audit_checks_every_file_and_its_size(tmp_path, upstream, log
     runner = CliRunner()
 
     def audit_images() -> Result:
-        return runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
+        return runner.invoke(app, ["audit", "images"], env=env, catch_exceptions=False)
 
     result = audit_images()
     assert result.exit_code == 0 and "1 live" in result.stdout, result.output
@@ -840,13 +840,13 @@ def test_the_images_audit_counts_objects_of_no_task_without_failing(tmp_path, up
     old, fresh = orphan_objects(tmp_path)
     env = {"SCENEMINT_DATA_DIR": str(tmp_path / "data")}
     runner = CliRunner()
-    result = runner.invoke(app, ["images", "audit"], env=env, catch_exceptions=False)
+    result = runner.invoke(app, ["audit", "images"], env=env, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "objects of no task 2: expected after a crash" in result.stdout
     assert "1 older: is the sweeper running?" in result.stdout
     assert old.exists() and fresh.exists()  # reported, not touched
     result = runner.invoke(
-        app, ["images", "audit", "--delete-orphans"], env=env, catch_exceptions=False
+        app, ["audit", "images", "--delete-orphans"], env=env, catch_exceptions=False
     )
     assert result.exit_code == 0, result.output
     assert "objects of no task deleted 1" in result.stdout, result.output

@@ -38,3 +38,26 @@ def test_readme_documents_every_setting():
     for field in Settings.model_fields.values():
         for alias in field.validation_alias.choices:  # type: ignore[union-attr]
             assert f"`{alias}`" in readme, f"{alias} is not in the README's configuration table"
+
+
+def test_the_metadata_builds_without_a_deprecation_warning(tmp_path):
+    """The license is an SPDX expression with its file (the `{ text = ... }` table is
+    deprecated by setuptools, with a deadline); the project's metadata builds clean."""
+    root = Path(__file__).parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "MIT" and (root / "LICENSE").is_file()
+    code = (
+        "import sys, warnings; warnings.simplefilter('error');"
+        "from setuptools import build_meta;"
+        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    metadata = next(tmp_path.glob("*.dist-info")) / "METADATA"
+    assert "License-Expression: MIT" in metadata.read_text()

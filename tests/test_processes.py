@@ -59,7 +59,7 @@ def handed(data_dir: Path) -> bool:
 
 def audit(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "scenemint", "credits", "audit"],
+        [sys.executable, "-m", "scenemint", "audit", "credits"],
         env={"PATH": "/usr/bin:/bin", **env},
         cwd=cwd,
         capture_output=True,

@@ -72,7 +72,7 @@ def generate(url: str, *, key: str | None = None, prompt: str = "a boat") -> htt
 
 def audit(env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "scenemint", "credits", "audit"],
+        [sys.executable, "-m", "scenemint", "audit", "credits"],
         env={"PATH": "/usr/bin:/bin", **env},
         cwd=cwd,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""The image store against the ledger: `scenemint images audit`, and the leftovers the
+"""The image store against the ledger: `scenemint audit images`, and the leftovers the
 retention sweeper removes on its own.
 
 A copy stores the object first and writes the ledger after: a process killed (or a database

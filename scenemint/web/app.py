@@ -9,13 +9,16 @@ import signal
 import threading
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
 from pydantic import SecretStr
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .. import __version__
 from ..config import Settings
 from ..images import open_image_store
 from ..jobs import LeasedWorkers, Sweeper, copier, runners
@@ -110,14 +113,37 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
 
     app = ServiceApp(
         title="SceneMint image service",
-        version="0.1.0",
-        summary="A credit-limited gateway to chatgpt2api image tasks.",
+        version=__version__,
+        summary="A credit-limited gateway to AI image generation (chatgpt2api task API or"
+        " any OpenAI-compatible Images API).",
         lifespan=lifespan,
+        # offline: Swagger UI from the given directory, not from a CDN
+        docs_url=None if base_settings.docs_assets else "/docs",
     )
     install_error_handlers(app)
     app.include_router(router)
+    if base_settings.docs_assets:
+        _serve_docs_from(app, base_settings.docs_assets)
     app.state.metrics = metrics
     return app
+
+
+def _serve_docs_from(app: FastAPI, directory: Path) -> None:
+    """/docs with Swagger UI's files served from `directory` (SCENEMINT_DOCS_ASSETS)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs/assets", StaticFiles(directory=directory), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
 
 
 async def _start_demo(stack: AsyncExitStack, settings: Settings) -> Settings:

@@ -29,7 +29,7 @@ class GenerateInput:
     reference: Reference | None
 
 
-def _declared_length(request: Request, limit: int, code: str) -> None:
+def _declared_length(request: Request, limit: int, code: str, announced: int) -> None:
     raw = request.headers.get("content-length")
     if raw is None:
         return
@@ -38,24 +38,28 @@ def _declared_length(request: Request, limit: int, code: str) -> None:
     except ValueError as exc:
         raise BadRequest("bad_request", detail="invalid Content-Length") from exc
     if length > limit:
-        raise PayloadTooLarge(code, detail=f"Content-Length {length} > {limit}")
+        raise PayloadTooLarge(code, detail=f"Content-Length {length} > {limit}", limit=announced)
 
 
-async def _counted(request: Request, limit: int, code: str) -> AsyncGenerator[bytes, None]:
+async def _counted(
+    request: Request, limit: int, code: str, announced: int
+) -> AsyncGenerator[bytes, None]:
+    """The body's chunks; PayloadTooLarge (saying `announced`) once past `limit` bytes."""
     received = 0
     try:
         async for chunk in request.stream():
             received += len(chunk)
             if received > limit:
-                raise PayloadTooLarge(code, detail=f"body over {limit} bytes")
+                raise PayloadTooLarge(code, detail=f"body over {limit} bytes", limit=announced)
             yield chunk
     except ClientDisconnect as exc:
         raise BadRequest("bad_request", detail="client went away mid-body") from exc
 
 
 async def read_json(request: Request, *, limit: int) -> dict[str, Any]:
-    _declared_length(request, limit, "payload_too_large")
-    body = b"".join([chunk async for chunk in _counted(request, limit, "payload_too_large")])
+    _declared_length(request, limit, "payload_too_large", limit)
+    chunks = _counted(request, limit, "payload_too_large", limit)
+    body = b"".join([chunk async for chunk in chunks])
     try:
         data = json.loads(body)
     except RecursionError as exc:
@@ -137,11 +141,12 @@ def _boundary(request: Request) -> bytes:
 
 async def _read_generate_form(request: Request, *, image_limit: int) -> GenerateInput:
     limit = image_limit + _FORM_OVERHEAD
-    _declared_length(request, limit, "image_too_large")
+    # the form's own bytes are allowed on top; the limit said is the image's
+    _declared_length(request, limit, "image_too_large", image_limit)
     closing = _ClosingDelimiter(_boundary(request))
     parser = MultiPartParser(
         request.headers,
-        closing.watch(_counted(request, limit, "image_too_large")),
+        closing.watch(_counted(request, limit, "image_too_large", image_limit)),
         max_files=1,
         max_fields=_MAX_FIELDS,
         max_part_size=_MAX_FIELD_BYTES,

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from ..errors import ScenemintError
-from ..messages import message_for, prefers_chinese
+from ..messages import limit_sentence, message_for, prefers_chinese
 
 log = logging.getLogger("scenemint.web")
 
@@ -41,12 +41,21 @@ def ok(data: Any) -> Response:
 
 
 def failure_body(
-    code: str, *, accept_language: str | None = None, retry_after: float | None = None
+    code: str,
+    *,
+    accept_language: str | None = None,
+    retry_after: float | None = None,
+    limit: int | None = None,
 ) -> bytes:
-    message = message_for(code, chinese=prefers_chinese(accept_language))
+    chinese = prefers_chinese(accept_language)
+    message = message_for(code, chinese=chinese)
+    if limit is not None:
+        message += limit_sentence(limit, chinese=chinese)
     body: dict[str, Any] = {"code": -1, "message": message, "error": code}
     if retry_after is not None:
         body["retryAfter"] = _seconds(retry_after)
+    if limit is not None:
+        body["limit"] = limit
     return json.dumps(body, ensure_ascii=False).encode()
 
 
@@ -60,7 +69,9 @@ def error_parts(
     """Map any exception to (status, envelope, headers): ours by code and status, else 500."""
     headers: dict[str, str] = dict(_NO_STORE_HEADERS)
     retry_after: float | None = None
+    limit: int | None = None
     if isinstance(exc, ScenemintError):
+        limit = exc.limit
         if exc.status >= 500:
             log.warning("answering %s %s: %s", exc.status, exc.code, exc.detail or "-")
         code, status = exc.code, exc.status
@@ -78,7 +89,7 @@ def error_parts(
     else:
         log.exception("unexpected error", exc_info=exc)
         code, status = "internal_error", 500
-    body = failure_body(code, accept_language=accept_language, retry_after=retry_after)
+    body = failure_body(code, accept_language=accept_language, retry_after=retry_after, limit=limit)
     return status, body, headers
 
 

@@ -207,6 +207,10 @@ def _failure(description: str, codes: list[str]) -> dict[str, Any]:
                             "description": "Seconds to wait before trying again (also the"
                             " Retry-After header).",
                         },
+                        "limit": {
+                            "type": "integer",
+                            "description": "413: the limit in bytes (the message says it too).",
+                        },
                     },
                 }
             }
