@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
-import signal
-import threading
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,12 +16,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .. import __version__
 from ..config import Settings
-from ..images import open_image_store
-from ..jobs import LeasedWorkers, Sweeper, copier, runners
 from ..metrics import Metrics
-from ..reconciler import Reconciler
-from ..service import ImageService, open_router
-from ..store import open_store
+from ..running import open_service
 from .envelope import install_error_handlers
 from .fastpath import TaskRoutes
 from .middleware import RequestLogMiddleware
@@ -71,41 +63,14 @@ def create_app(settings: Settings | None = None, *, demo: bool = False) -> Servi
             settings = base_settings
             if demo:
                 settings = await _start_demo(stack, settings)
-            store = await open_store(settings)
-            stack.push_async_callback(store.close)
-            router = await open_router(settings, store, metrics)
-            stack.push_async_callback(router.close)
-            if not router:
-                log.warning(
-                    "no upstream is configured (SCENEMINT_UPSTREAMS_FILE, or CHATGPT2API_BASE_URL"
-                    " and CHATGPT2API_API_KEY): image and enhancement requests will answer 503"
-                )
-            images = open_image_store(
-                settings.image_store, data_dir=settings.data_dir, timeout=settings.image_deadline
+            work = await stack.enter_async_context(
+                open_service(settings, metrics=metrics, signals=True)
             )
-            stack.push_async_callback(images.close)
-            service = ImageService(
-                settings=settings, store=store, router=router, metrics=metrics, images=images
-            )
-            stack.enter_context(_stop_signals(service))
-            await service.events.start()
-            stack.push_async_callback(service.events.stop)
-            reconciler = Reconciler(service)
-            copies = copier(service)
-            # jobs run where an OpenAI Images upstream can send them, each upstream's its own
-            jobs = runners(service)
-            sweeper = Sweeper(service)
-            workers: list[Reconciler | LeasedWorkers | Sweeper] = [reconciler, copies, *jobs]
-            for worker in [*workers, sweeper]:
-                worker.start()
-                stack.push_async_callback(worker.stop)
-            # the first thing the shutdown does (also without a signal: tests, embedders)
-            stack.callback(service.shutting_down.set)
-            app.state.service = service
-            app.state.reconciler = reconciler
-            app.state.copier = copies
-            app.state.runners = jobs
-            app.state.sweeper = sweeper
+            app.state.service = work.service
+            app.state.reconciler = work.reconciler
+            app.state.copier = work.copier
+            app.state.runners = work.runners
+            app.state.sweeper = work.sweeper
             # the lifespan state reaches every connection of the server (web/server.py)
             yield {CLOSED_COUNTER: metrics.connections_closed}
 
@@ -161,43 +126,6 @@ async def _start_demo(stack: AsyncExitStack, settings: Settings) -> Settings:
     return settings.model_copy(
         update={"upstream_base_url": demo.base_url, "upstream_api_key": SecretStr(key)}
     )
-
-
-@contextmanager
-def _stop_signals(service: ImageService) -> Iterator[None]:
-    """SIGTERM or SIGINT: the first tells open streams to finish with a last frame and the
-    job runners to claim nothing more (`service.shutting_down`), then lets uvicorn go on;
-    a second one cuts what is still finishing (`service.force_stop`).
-
-    uvicorn stops accepting and waits for in-flight requests (bounded by its graceful
-    timeout) before the lifespan ends: without this, an open enhancement stream would be
-    cut without a word after that timeout. The handlers chain to uvicorn's own.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield  # signal handlers live in the main thread only (tests run servers in threads)
-        return
-    loop = asyncio.get_running_loop()
-    previous: dict[int, Any] = {
-        signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)
-    }
-    received = 0
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal received
-        received += 1
-        event = service.shutting_down if received == 1 else service.force_stop
-        loop.call_soon_threadsafe(event.set)
-        handler = previous[signum]
-        if callable(handler):
-            handler(signum, frame)
-
-    for signum in previous:
-        signal.signal(signum, on_signal)
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def create_app_from_env() -> ServiceApp:
