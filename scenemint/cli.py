@@ -67,9 +67,9 @@ def _settings() -> Settings:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(help="Listen address (env HOST).")] = None,
-    port: Annotated[int | None, typer.Option(help="Listen port (env PORT).")] = None,
-    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
+    host: Annotated[str | None, typer.Option(metavar="HOST", help="Listen address (env HOST).")] = None,
+    port: Annotated[int | None, typer.Option(metavar="PORT", help="Listen port (env PORT).")] = None,
+    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 1,
     demo: Annotated[
         bool, typer.Option("--demo", help="Start with a local demo upstream (no account, no AI).")
     ] = False,
@@ -77,6 +77,7 @@ def serve(
         str | None,
         typer.Option(
             "--upstream-kind",
+            metavar="KIND",
             help="chatgpt2api or openai (env SCENEMINT_UPSTREAM_KIND).",
             show_default=False,
         ),
@@ -144,10 +145,10 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 @app.command("demo-upstream")
 def demo_upstream(
-    host: Annotated[str, typer.Option(help="Listen address.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Listen port.")] = 3200,
+    host: Annotated[str, typer.Option(metavar="HOST", help="Listen address.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(metavar="PORT", help="Listen port.")] = 3200,
     api_key: Annotated[
-        str | None, typer.Option(help="Require this bearer key (default: accept any).")
+        str | None, typer.Option(metavar="KEY", help="Require this bearer key (default: accept any).")
     ] = None,
 ) -> None:
     """Serve a local DEMO upstream: draws images itself (no AI), rewrites prompts by rules.
@@ -168,6 +169,7 @@ def upstreams_command(
         str | None,
         typer.Option(
             "--server",
+            metavar="URL",
             help="A running server (http://host:port): its /metrics gives the breaker states.",
             show_default=False,
         ),

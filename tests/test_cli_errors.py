@@ -5,6 +5,7 @@ it checked and never creates the database it was meant to check."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from importlib.metadata import version
@@ -143,6 +144,11 @@ def test_help_has_no_type_tag_on_flags_and_shows_defaults(tmp_path):
     done = scenemint("generate", "--help", cwd=tmp_path)
     assert done.returncode == 0
     assert "<bool>" not in done.stdout
+    commands = ["serve", "demo-upstream", "upstreams", "generate", "wait", "enhance", "credits"]
+    for command in [*commands, "audit credits", "audit images"]:
+        shown = scenemint(*command.split(), "--help", cwd=tmp_path).stdout
+        options = shown[shown.index("Options:") :]
+        assert not re.search(r"<(str|int|float|bool|int range|float range)>", options), shown
     assert "[default: 600.0" in done.stdout
     upstream = scenemint("demo-upstream", "--help", cwd=tmp_path).stdout
     assert "chatgpt2api" in upstream and "OpenAI Images API" in upstream
