@@ -67,8 +67,12 @@ def _settings() -> Settings:
 
 @app.command()
 def serve(
-    host: Annotated[str | None, typer.Option(metavar="HOST", help="Listen address (env HOST).")] = None,
-    port: Annotated[int | None, typer.Option(metavar="PORT", help="Listen port (env PORT).")] = None,
+    host: Annotated[
+        str | None, typer.Option(metavar="HOST", help="Listen address (env HOST).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(metavar="PORT", help="Listen port (env PORT).")
+    ] = None,
     workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 1,
     demo: Annotated[
         bool, typer.Option("--demo", help="Start with a local demo upstream (no account, no AI).")
@@ -148,7 +152,8 @@ def demo_upstream(
     host: Annotated[str, typer.Option(metavar="HOST", help="Listen address.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(metavar="PORT", help="Listen port.")] = 3200,
     api_key: Annotated[
-        str | None, typer.Option(metavar="KEY", help="Require this bearer key (default: accept any).")
+        str | None,
+        typer.Option(metavar="KEY", help="Require this bearer key (default: accept any)."),
     ] = None,
 ) -> None:
     """Serve a local DEMO upstream: draws images itself (no AI), rewrites prompts by rules.
