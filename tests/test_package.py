@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import tomllib
 from pathlib import Path
+
+import httpx
 
 import scenemint
 
@@ -61,3 +65,40 @@ def test_the_metadata_builds_without_a_deprecation_warning(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     metadata = next(tmp_path.glob("*.dist-info")) / "METADATA"
     assert "License-Expression: MIT" in metadata.read_text()
+
+
+def readme_python_blocks() -> list[str]:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    return re.findall(r"^```python\n(.*?)^```$", readme, flags=re.DOTALL | re.MULTILINE)
+
+
+def test_the_readme_library_example_runs_as_written(upstream, tmp_path):
+    """The README's example of the service as a library, run as a program of its own
+    against a real (fake) upstream: it makes the task, waits for it, writes the image."""
+    [example] = [block for block in readme_python_blocks() if "open_service" in block]
+    (tmp_path / "example.py").write_text(example)
+    upstream.auto_complete = True
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("SCENEMINT_", "CHATGPT2API_"))
+    }
+    env.update(
+        CHATGPT2API_BASE_URL=upstream.base_url,
+        CHATGPT2API_API_KEY=upstream.api_key,
+        SCENEMINT_DATA_DIR=str(tmp_path / "data"),
+    )
+    done = subprocess.run(
+        [sys.executable, "example.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Unclosed" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.splitlines()[-1] == "completed lighthouse.png"
+    [task] = upstream.tasks.values()
+    served = httpx.get(task["data"][0]["url"]).content
+    assert (tmp_path / "lighthouse.png").read_bytes() == served
