@@ -65,6 +65,13 @@ def _settings() -> Settings:
         raise typer.Exit(2) from None
 
 
+# Each worker is a whole service process (~60 MiB, its own pools): past a few per CPU they
+# only compete, and a typo such as `--workers 1000` would spawn processes faster than a
+# signal can stop the spawning. Refused before anything starts.
+WORKERS_PER_CPU = 8
+MAX_WORKERS = WORKERS_PER_CPU * (os.cpu_count() or 1)
+
+
 @app.command()
 def serve(
     host: Annotated[
@@ -73,7 +80,15 @@ def serve(
     port: Annotated[
         int | None, typer.Option(metavar="PORT", help="Listen port (env PORT).")
     ] = None,
-    workers: Annotated[int, typer.Option(min=1, metavar="N", help="Worker processes.")] = 1,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=MAX_WORKERS,
+            metavar="N",
+            help=f"Worker processes (at most {WORKERS_PER_CPU} per CPU).",
+        ),
+    ] = 1,
     demo: Annotated[
         bool, typer.Option("--demo", help="Start with a local demo upstream (no account, no AI).")
     ] = False,

@@ -4,8 +4,10 @@ it checked and never creates the database it was meant to check."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 from importlib.metadata import version
@@ -138,6 +140,27 @@ def test_demo_with_workers_points_to_the_demo_upstream(tmp_path):
     done = scenemint("serve", "--demo", "--workers", "2", cwd=tmp_path)
     assert done.returncode == 2
     assert "scenemint demo-upstream" in done.stderr
+
+
+def test_too_many_workers_is_refused_before_any_starts(tmp_path):
+    """`--workers 100000` would spawn processes faster than a signal stops the spawning."""
+    too_many = 8 * (os.cpu_count() or 1) + 1
+    process = subprocess.Popen(
+        [sys.executable, "-m", "scenemint", "serve", "--workers", str(too_many), "--port", "0"],
+        cwd=tmp_path,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # if it did start workers, they go with the group below
+    )
+    try:
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 2, stderr
+    assert "--workers" in stderr and str(too_many - 1) in stderr, stderr
 
 
 def test_help_has_no_type_tag_on_flags_and_shows_defaults(tmp_path):
