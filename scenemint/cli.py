@@ -107,7 +107,7 @@ def serve(
 
     from .logs import configure_logging
     from .web.app import create_app
-    from .web.server import run, uvicorn_config, uvicorn_options
+    from .web.server import SUPERVISOR_ENV, run, uvicorn_config, uvicorn_options
 
     if upstream_kind is not None:
         if upstream_kind not in ("chatgpt2api", "openai"):
@@ -140,6 +140,8 @@ def serve(
         # each worker builds its own app (and its own upstream pool) from the environment,
         # and its connection limits too (the protocol reads them there, once per process)
         os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
+        # each worker stops when this process is gone, even killed outright
+        os.environ[SUPERVISOR_ENV] = str(os.getpid())
         from .metrics import shared_directory
 
         # the workers' figures in one directory: every scrape sums all of them

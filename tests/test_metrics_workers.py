@@ -3,7 +3,10 @@ reports the whole group (prometheus_client's multiprocess mode, `metrics.py`).""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import threading
 from pathlib import Path
 
@@ -127,3 +130,36 @@ def test_a_directory_set_after_prometheus_client_was_imported_is_refused(monkeyp
     monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
     with pytest.raises(RuntimeError, match="set after prometheus_client was imported"):
         Metrics()
+
+
+def test_workers_stop_when_their_supervisor_is_killed_outright(upstream, tmp_path):
+    """SIGKILL (or the OOM killer) on `serve --workers 2` cannot stop its workers: they see
+    their supervisor gone and stop themselves, freeing the port for a restart."""
+    server = two_workers(upstream, tmp_path)
+    workers = [int(pid) for pid in re.findall(r"Started server process \[(\d+)\]", server.log())]
+    assert len(workers) == 2
+    try:
+        server.kill()
+        wait_until(lambda: not any(alive(pid) for pid in workers), what="both workers gone")
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(server.url + "/healthz", timeout=2)
+        restarted = ServiceProcess(
+            env_for(upstream, SCENEMINT_DATA_DIR=str(tmp_path / "data")),
+            cwd=str(tmp_path),
+            port=server.port,
+        ).wait_ready()
+        restarted.stop()
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.stop()
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -23,7 +23,7 @@ from .fastpath import TaskRoutes
 from .middleware import RequestLogMiddleware
 from .openapi import complete
 from .routes import router
-from .server import CLOSED_COUNTER
+from .server import CLOSED_COUNTER, follow_supervisor
 
 log = logging.getLogger("scenemint")
 
@@ -137,4 +137,5 @@ def create_app_from_env() -> ServiceApp:
 
     settings = Settings()
     configure_logging(settings)
+    follow_supervisor()
     return create_app(settings)

@@ -58,9 +58,12 @@ import functools
 import json
 import logging
 import os
+import signal
 import socket
 import struct
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -919,3 +922,28 @@ class GuardedH11Protocol(_Deadlines, H11Protocol):
         self._phase = _GONE
         self._cancel_deadlines()
         super().handle_websocket_upgrade(event)
+
+
+# -- the workers of `scenemint serve --workers N` -------------------------------------------
+
+SUPERVISOR_ENV = "SCENEMINT_SUPERVISOR_PID"  # set by `serve --workers N` for its workers
+SUPERVISOR_CHECK_SECONDS = 1.0
+
+
+def follow_supervisor() -> None:
+    """In a worker of `serve --workers N`: stop (gracefully, as on SIGTERM) when the
+    supervisor that started it is gone. A supervisor killed outright (SIGKILL, the OOM
+    killer) cannot stop its workers; without this they would go on serving, holding the
+    port, and a restarted service could not bind it. Anything else (a plain `uvicorn
+    --factory`, tests) has no supervisor to follow: nothing is done."""
+    supervisor = os.environ.get(SUPERVISOR_ENV, "")
+    if not supervisor.isdigit() or int(supervisor) != os.getppid():
+        return
+
+    def watch() -> None:
+        while os.getppid() == int(supervisor):
+            time.sleep(SUPERVISOR_CHECK_SECONDS)
+        log.warning("the supervisor (pid %s) is gone: this worker stops", supervisor)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="scenemint-supervisor", daemon=True).start()
