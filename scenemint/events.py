@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from .answers import Answer, TaskAnswers
 from .errors import ScenemintError
@@ -179,27 +179,38 @@ class TaskEvents:
                 watch.driver.cancel()
 
     async def _drive(self, watch: _Watch) -> None:
-        """Keep the answer of a watched task, for all its watchers: look, then wait to be
-        poked (a change, or the clock's refresh)."""
-        while watch.watchers > 0:
+        """Keep the answer of a watched task, for all its watchers: what is known of it at
+        once (the cache or the row: an upstream that is slow or down must not hold back the
+        first event), then look (asking the upstream), and wait to be poked (a change, or the
+        clock's refresh) before looking again."""
+        if watch.answer is None:
+            await self._look(watch, self._reader.known)
+        while watch.watchers > 0 and not watch.finished:
             watch.poke.clear()
-            try:
-                answer = await self._reader.answer(watch.task_id)
-            except ScenemintError as exc:  # the upstream or the database failed: look again
-                log.info("watch of %s: %s", watch.task_id, exc.code)
-                answer = None
-            except asyncio.CancelledError:
-                raise
-            except Exception:  # a bug must not leave the watchers waiting for ever
-                log.exception("watch of %s failed", watch.task_id)
-                answer = None
-            if answer is not None:
-                self._versions[watch.task_id] = answer.version
-                if watch.answer is None or answer.version != watch.answer.version:
-                    watch.publish(answer)
-                if watch.finished:
-                    return
+            await self._look(watch, self._reader.answer)
+            if watch.finished:
+                return
             await watch.poke.wait()
+
+    async def _look(self, watch: _Watch, ask: Callable[[str], Awaitable[Answer]]) -> None:
+        """Ask for the task's answer; publish it when the task changed as a client sees it
+        (a new version that answers the same, e.g. a lease taken, is no event)."""
+        try:
+            answer = await ask(watch.task_id)
+        except ScenemintError as exc:  # the upstream or the database failed: look again
+            log.info("watch of %s: %s", watch.task_id, exc.code)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug must not leave the watchers waiting for ever
+            log.exception("watch of %s failed", watch.task_id)
+            return
+        current = watch.answer
+        self._versions[watch.task_id] = max(answer.version, current.version if current else -1)
+        # versions only grow: an answer from an older row (a poll's computation that read
+        # the row before our first look did) is never sent after a newer one
+        if current is None or (answer.version > current.version and answer.task != current.task):
+            watch.publish(answer)
 
     async def _run_clock(self) -> None:
         """Every `refresh` seconds, every unfinished watched task is looked at again — all

@@ -53,6 +53,18 @@ class TaskReader:
             computing.add_done_callback(lambda done: self._computed(task_id, done))
         return await asyncio.shield(computing)
 
+    async def known(self, task_id: str) -> Answer:
+        """What the service knows of the task now, without asking an upstream: the cached
+        answer, or one made from the row (not cached: a poll still asks the upstream). A
+        watcher's first answer, which must not wait for a slow or failing upstream."""
+        cached = self._answers.get(task_id)
+        if cached is not None:
+            return cached
+        row = await self._ledger.store.get_task(task_id)
+        if row is None:
+            return self._answers.put(task_id, missing_task(task_id), version=None, finished=True)
+        return Answer(version=row.version, expires=0.0, task=await self.view(row))
+
     def _computed(self, task_id: str, done: asyncio.Future[Answer]) -> None:
         self._computing.pop(task_id, None)
         if not done.cancelled():

@@ -4,6 +4,7 @@ the real service and the fake upstream."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import threading
 import time
@@ -105,6 +106,39 @@ def test_the_current_answer_comes_at_once_then_each_change_then_the_end(service,
     poll = service.http.get(f"/api/images/tasks/{task['id']}").json()["data"]
     assert stream.events[-1] == poll  # the last event is what a poll then answers
     assert len(set(stream.ids)) == len(stream.ids)  # each event its own id (the version)
+    # one event per change a client can see: a new version that answers the same (the
+    # copier's lease on the row, say) is no event
+    assert all(a != b for a, b in itertools.pairwise(stream.events)), stream.events
+
+
+def test_the_first_event_does_not_wait_for_a_slow_upstream(service, upstream):
+    """What the service knows is sent at once; the upstream's answer follows when it comes."""
+    check_in(service)
+    task = generate(service)
+    upstream.set_task(task["id"], status="running")
+    upstream.delay(LISTING, 4)
+    started = time.monotonic()
+    stream = Stream(events_url(service, task["id"]))
+    stream.wait_for(1, timeout=3)
+    assert stream.times[0] - started < 1.5
+    assert stream.events[0]["status"] == "queued"  # the ledger's, not yet the upstream's
+    stream.wait_for(2, timeout=10)
+    assert stream.events[1]["status"] == "running"
+
+
+def test_a_shutdown_while_the_upstream_stalls_still_sends_the_current_answer(
+    tmp_path, upstream, logs
+):
+    task: dict[str, Any] = {}
+    with running_service(make_settings(tmp_path, upstream)) as running:
+        check_in(running)
+        task.update(generate(running))
+        upstream.delay(LISTING, 30)
+        stream = Stream(events_url(running, task["id"]))
+        stream.wait_for(1, timeout=3)
+        running.service.shutting_down.set()
+        assert stream.ends(5)
+    assert [e["status"] for e in stream.events] == ["queued", "queued"]
 
 
 def test_a_finished_task_sends_its_answer_and_ends(service, upstream):
@@ -240,6 +274,16 @@ def test_the_python_client_waits_on_events(service, upstream):
     assert polls == [] and len(followed) == 1 and followed[0].endswith(" 1.0"), requests
 
 
+# the answers of the "flaky" front's polls 2 to 6 (None: the connection closed, no answer)
+FLAKY: list[tuple[int, str] | None] = [
+    (502, "upstream_failed"),
+    None,
+    (504, "upstream_timeout"),
+    (503, "store_unavailable"),
+    None,
+]
+
+
 class Front:
     """A server in front of the service that passes polls on and answers the events route
     as something between the client and an older server can: `"old"` a 404 (a server from
@@ -277,6 +321,16 @@ class Front:
         from aiohttp import web
 
         self.polls += 1
+        if self.mode == "slow":  # a poll that hangs (an upstream that does not answer)
+            await self._closing.wait()
+        if self.mode == "flaky" and 2 <= self.polls <= 6:  # a restart, an upstream outage
+            failure = FLAKY[self.polls - 2]
+            if failure is None:  # the server went away mid-answer
+                request.transport.close()
+                return web.Response()
+            status, code = failure
+            body = {"code": -1, "message": "not now", "error": code}
+            return web.json_response(body, status=status)
         async with httpx.AsyncClient() as client:
             answer = await client.get(f"{self.target}/api/images/tasks/{request.match_info['id']}")
         return web.Response(body=answer.content, content_type="application/json")
@@ -284,7 +338,7 @@ class Front:
     async def _events(self, request: Any) -> Any:
         from aiohttp import web
 
-        if self.mode == "old":
+        if self.mode in ("old", "flaky", "slow"):
             body = {"code": -1, "message": "Not found.", "error": "not_found"}
             return web.json_response(body, status=404)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -314,6 +368,63 @@ def test_the_python_client_polls_when_the_events_do_not_come_through(
         assert time.monotonic() - started < 5
     finally:
         front.close()
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_the_python_client_wait_polls_through_a_restart_and_an_upstream_outage(
+    service, upstream, kind
+):
+    """Once the server has answered about the task, a wait rides out its going away and
+    its failing to reach the upstream (502, 503, 504) until the task finishes."""
+    from scenemint.client import AsyncClient, Client
+
+    check_in(service)
+    task = generate(service)
+    front = Front(service.url, "flaky")
+    try:
+        seen: list[str] = []
+        threading.Timer(0.5, lambda: upstream.complete_task(task["id"])).start()
+        if kind == "sync":
+            with Client(front.url, fingerprint=FINGERPRINT) as client:
+                final = client.wait(task["id"], poll_interval=0.1, timeout=20)
+        else:
+
+            async def wait() -> Any:
+                async with AsyncClient(front.url, fingerprint=FINGERPRINT) as client:
+                    return await client.wait(task["id"], poll_interval=0.1, timeout=20)
+
+            final = asyncio.run(wait())
+        seen.append(final.status)
+        assert seen == ["completed"] and front.polls >= 7
+    finally:
+        front.close()
+
+
+def test_the_python_client_wait_keeps_its_deadline_when_a_poll_hangs(service, upstream):
+    from scenemint.client import Client, WaitTimeout
+
+    check_in(service)
+    task = generate(service)
+    front = Front(service.url, "slow")
+    try:
+        with Client(front.url, fingerprint=FINGERPRINT) as client:
+            started = time.monotonic()
+            with pytest.raises(WaitTimeout):
+                client.wait(task["id"], poll_interval=0.1, timeout=1.5)
+            assert time.monotonic() - started < 3
+    finally:
+        front.close()
+
+
+def test_the_python_client_wait_says_at_once_that_no_server_is_there():
+    from scenemint.client import Client, ConnectionFailed
+    from tests.service_runner import free_port
+
+    with Client(f"http://127.0.0.1:{free_port()}", fingerprint=FINGERPRINT) as client:
+        started = time.monotonic()
+        with pytest.raises(ConnectionFailed):
+            client.wait(str(uuid.uuid4()), timeout=30)
+        assert time.monotonic() - started < 5
 
 
 def test_the_python_client_wait_keeps_its_deadline_between_two_pings(
