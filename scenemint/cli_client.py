@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -207,7 +208,20 @@ def wait(
 ) -> None:
     """Wait for a task (live status as `generate` shows it) and write its image to a file."""
     with _reported(server=server), Client(server) as client:
+        _check_task_id(task_id)
         _finish(client, client.task(task_id), output, as_json, timeout, poll_interval)
+
+
+def _check_task_id(task_id: str) -> None:
+    """Task ids are UUIDs (as `generate` prints them): anything else is a typing mistake."""
+    try:
+        uuid.UUID(task_id)
+    except ValueError:
+        raise InvalidInputError(
+            f"{task_id!r} is not a task id (a task id looks like"
+            " 0f74000f-3c1e-4b5a-9d6e-2a1b3c4d5e6f, as `generate --no-wait` prints it)",
+            code="bad_task_id",
+        ) from None
 
 
 def _finish(

@@ -282,6 +282,14 @@ def test_wait_for_an_id_that_is_not_a_task_says_so(cli, service):
     )
 
 
+@pytest.mark.parametrize("task_id", ["abc", "../x", "0f74000f"])
+def test_wait_for_something_that_is_not_a_task_id_is_invalid_input(cli, service, task_id):
+    result = cli("wait", task_id, fingerprint=None)
+    assert result.exit_code == 2
+    line = one_error_line(result.stderr)
+    assert "is not a task id" in line and repr(task_id) in line
+
+
 def test_a_server_without_an_upstream_is_explained(tmp_path, client_env):
     """The operator forgot the upstream: the user is told what the operator must set."""
     from tests.conftest import make_settings

@@ -130,8 +130,9 @@ class AsyncClient(BaseClient):
 
         Follows the task's events (pushed by the server as they happen); polls every
         `poll_interval` seconds instead when the server is older, a proxy holds the stream
-        back, or the stream ends before the task does. Returns the final task (a failed
-        task is returned, not raised); raises WaitTimeout.
+        back, or the stream ends before the task does; a server restarting or briefly unable
+        to reach the upstream is polled through until the deadline. Returns the final task
+        (a failed task is returned, not raised); raises WaitTimeout.
         """
         polling = Polling(
             task_id, timeout=timeout, poll_interval=poll_interval, on_update=on_update
@@ -140,7 +141,14 @@ class AsyncClient(BaseClient):
         if final is not None:
             return final
         while True:
-            task = await self.task(task_id)
+            try:
+                task = Task.from_json(await self._send(self._wait_poll_call(task_id, polling)))
+            except ClientError as error:
+                if not polling.rides_out(error):
+                    raise
+                polling.check()
+                await asyncio.sleep(polling.pause())
+                continue
             if polling.seen(task):
                 return task
             await asyncio.sleep(polling.pause())

@@ -376,8 +376,12 @@ class BaseClient:
             "POST", path, data=fields, files={"image": part}, headers=headers, timeout=timeout
         )
 
-    def _task_call(self, task_id: str) -> Call:
-        return Call("GET", f"/api/images/tasks/{_segment(task_id)}")
+    def _task_call(self, task_id: str, *, timeout: float | None = None) -> Call:
+        return Call("GET", f"/api/images/tasks/{_segment(task_id)}", timeout=timeout)
+
+    def _wait_poll_call(self, task_id: str, polling: Polling) -> Call:
+        """A poll of `wait()`: it may not outlive the wait's deadline."""
+        return self._task_call(task_id, timeout=max(0.01, min(self.timeout, polling.left())))
 
     def _events_call(self, task_id: str) -> Call:
         return Call(
@@ -680,6 +684,20 @@ class Polling:
     def check(self) -> None:
         """Raise WaitTimeout once time is up."""
         self.pause()
+
+    def rides_out(self, error: ClientError) -> bool:
+        """A failure the wait polls through until its deadline: the server slow, cut off or
+        restarting (refusing connections only once it has answered about the task: a server
+        that is not there at all is said at once), or unable to ask the upstream for a while
+        (502, 504, a 503 that is not a missing configuration). The task is the server's: it
+        goes on without us."""
+        if isinstance(error, ConnectionFailed):
+            return error.code != "unreachable" or self._status is not None
+        if isinstance(error, ServerError):
+            if error.status in (502, 504):
+                return True
+            return error.status == 503 and not error.code.endswith("_not_configured")
+        return False
 
     def left(self) -> float:
         """Seconds before the wait's deadline."""
