@@ -7,6 +7,7 @@ value and what is allowed, and exit code 2 — never a traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -142,10 +143,15 @@ def serve(
         os.environ["HOST"], os.environ["PORT"] = settings.host, str(settings.port)
         # each worker stops when this process is gone, even killed outright
         os.environ[SUPERVISOR_ENV] = str(os.getpid())
-        from .metrics import shared_directory
+        from .metrics import SharedDirectoryError, shared_directory
 
         # the workers' figures in one directory: every scrape sums all of them
-        with shared_directory():
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(shared_directory())
+            except SharedDirectoryError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2) from None
             uvicorn.run(
                 "scenemint.web.app:create_app_from_env",
                 factory=True,

@@ -36,6 +36,7 @@ class Settings(BaseSettings):
         extra="ignore",
         populate_by_name=True,
         frozen=True,
+        allow_inf_nan=False,  # a timeout of "inf" is a typo, not a wish
     )
 
     # -- upstream (chatgpt2api) ------------------------------------------------
@@ -349,6 +350,36 @@ class Settings(BaseSettings):
             return None
         return value
 
+    @field_validator("upstream_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            root = upstream_root(value)
+            if root is None or not root.startswith(("http://", "https://")):
+                raise ValueError("must be an http(s) URL such as http://127.0.0.1:3200")
+        return value
+
+    @field_validator("upstream_api_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = key_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _known_database(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            value = value.strip()
+            if not value.startswith(DATABASE_SCHEMES):
+                raise ValueError(
+                    "must be sqlite:///path/file.sqlite3 or postgresql://user@host:5432/db"
+                )
+            return value
+        return None
+
     @field_validator("image_hosts", mode="before")
     @classmethod
     def _split_hosts(cls, value: object) -> object:
@@ -427,6 +458,17 @@ class SettingsError(Exception):
     def __init__(self, lines: list[str]) -> None:
         self.lines = lines
         super().__init__("\n".join(lines))
+
+
+DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def key_problem(key: str) -> str | None:
+    """Why an upstream key cannot be sent in an HTTP header, or None. Surrounding
+    whitespace is dropped where the key is used; inside it, only printable ASCII."""
+    if any(not ("!" <= char <= "~") for char in key.strip()):
+        return "must be printable ASCII without spaces or line breaks (it is sent in a header)"
+    return None
 
 
 def load_settings(**values: object) -> Settings:

@@ -52,6 +52,10 @@ def route_of(path: str) -> str:
     return path if path in _ROUTES else "other"
 
 
+class SharedDirectoryError(Exception):
+    """PROMETHEUS_MULTIPROC_DIR names something the workers cannot share figures in."""
+
+
 @contextmanager
 def shared_directory() -> Iterator[Path]:
     """The directory the workers of one `serve --workers N` share their figures in, for
@@ -61,9 +65,18 @@ def shared_directory() -> Iterator[Path]:
     given = os.environ.get(MULTIPROC_ENV)
     if given:
         path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        for old in path.glob("*.db"):
-            old.unlink()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            for old in path.glob("*.db"):
+                old.unlink()
+            probe = path / f".scenemint-probe-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            raise SharedDirectoryError(
+                f"{MULTIPROC_ENV}={given!r} is not usable: {exc.strerror or exc}"
+                " (a directory this service may write, used by nothing else)"
+            ) from None
         yield path
         return
     path = Path(tempfile.mkdtemp(prefix="scenemint-metrics-"))

@@ -65,6 +65,29 @@ def scenemint(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
             "error: SCENEMINT_IMAGE_STORE='ftp://host/x' is not valid:"
             " must be file:///path or s3://bucket/prefix",
         ),
+        (
+            "CHATGPT2API_BASE_URL",
+            "notaurl",
+            "error: CHATGPT2API_BASE_URL='notaurl' is not valid:"
+            " must be an http(s) URL such as http://127.0.0.1:3200",
+        ),
+        (
+            "SCENEMINT_DATABASE_URL",
+            "mysql://u:secret@h/db",  # may hold a password: not repeated
+            "error: SCENEMINT_DATABASE_URL=(hidden) is not valid:"
+            " must be sqlite:///path/file.sqlite3 or postgresql://user@host:5432/db",
+        ),
+        (
+            "SCENEMINT_POLL_TIMEOUT",
+            "inf",
+            "error: SCENEMINT_POLL_TIMEOUT='inf' is not valid: must be a number > 0",
+        ),
+        (
+            "CHATGPT2API_API_KEY",
+            "sk-one\nsk-two",
+            "error: CHATGPT2API_API_KEY=(hidden) is not valid: must be printable ASCII without"
+            " spaces or line breaks (it is sent in a header)",
+        ),
     ],
 )
 def test_a_bad_setting_is_one_line_naming_it_and_exit_2(tmp_path, variable, value, line):
@@ -72,6 +95,16 @@ def test_a_bad_setting_is_one_line_naming_it_and_exit_2(tmp_path, variable, valu
     assert done.returncode == 2, done.stderr
     assert done.stderr.splitlines() == [line]
     assert done.stdout == ""
+
+
+def test_an_unusable_metrics_directory_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    done = scenemint(
+        "serve", "--workers", "2", cwd=tmp_path, PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "file")
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"error: PROMETHEUS_MULTIPROC_DIR='{tmp_path / 'file'}' is not usable")
 
 
 def test_every_bad_setting_is_named_at_once(tmp_path):

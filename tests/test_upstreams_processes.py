@@ -224,6 +224,11 @@ def test_two_instances_on_postgresql_share_upstreams_and_moves(tmp_path, two_poo
             "[[upstream]] #1 (a): priorty: not a key of [[upstream]]",
             id="typo",
         ),
+        pytest.param(
+            '[[upstream]]\nname = "a"\nbase_url = "http://x"\napi_key = "sk-1 sk-2"\n',
+            "[[upstream]] #1 (a): api_key: must be printable ASCII without spaces",
+            id="key-with-a-space",
+        ),
         pytest.param("[[upstream]\n", "not valid TOML", id="toml"),
     ],
 )

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from ..config import DEFAULT_OPENAI_SIZES, image_origin, openai_size, upstream_root
+from ..config import DEFAULT_OPENAI_SIZES, image_origin, key_problem, openai_size, upstream_root
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -79,6 +79,15 @@ class UpstreamConfig(BaseModel):
         if root is None or not root.startswith(("http://", "https://")):
             raise ValueError("must be an http(s) URL such as http://127.0.0.1:3200")
         return value.strip()
+
+    @field_validator("api_key")
+    @classmethod
+    def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            problem = key_problem(value.get_secret_value())
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @field_validator("api_key_env")
     @classmethod
