@@ -135,7 +135,7 @@ def serve(
         raise typer.BadParameter(
             "--demo runs one process (its demo upstream lives inside it). For several"
             " workers, run `scenemint demo-upstream --port 3200` and point the workers at it:"
-            " CHATGPT2API_BASE_URL=http://127.0.0.1:3200 CHATGPT2API_API_KEY=any"
+            " CHATGPT2API_BASE_URL=http://127.0.0.1:3200 CHATGPT2API_API_KEY=demo-key"
         )
     if workers > 1:
         # each worker builds its own app (and its own upstream pool) from the environment,

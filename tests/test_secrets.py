@@ -431,3 +431,46 @@ def test_an_upstream_failure_is_logged_with_its_status_and_a_truncated_body(
     body_in_log = line[line.index("Ex") :]
     assert 100 <= len(body_in_log) <= 400  # a readable start, not the whole body
     assert long_body not in line
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_every_upstreams_key_is_redacted_from_every_log_line_however_encoded(
+    tmp_path, monkeypatch, capsys, log_format
+):
+    """The log's last line of defence knows the keys of the upstreams file too, and finds
+    them before JSON escapes a quote or a backslash in them."""
+    import logging
+
+    from scenemint.config import Settings
+    from scenemint.logs import configure_logging
+
+    file_key = 'sk-"file\\key-0123'
+    env_key = "sk-env-key-4567"
+    monkeypatch.setenv("POOL_B_KEY", env_key)
+    upstreams = tmp_path / "upstreams.toml"
+    upstreams.write_text(
+        "[[upstream]]\nname = 'a'\nbase_url = 'http://127.0.0.1:1'\n"
+        f"api_key = '{file_key}'\n"
+        "[[upstream]]\nname = 'b'\nbase_url = 'http://127.0.0.1:2'\napi_key_env = 'POOL_B_KEY'\n"
+    )
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        settings = Settings(upstreams_file=upstreams, log_format=log_format)
+        configure_logging(settings)
+        log = logging.getLogger("scenemint.test")
+        log.warning("a: %s / b: %s", file_key, env_key.upper())
+        try:
+            raise RuntimeError(f"failed with {file_key}")
+        except RuntimeError:
+            log.exception("and an exception")
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        for handler in saved[0]:
+            root.addHandler(handler)
+        root.setLevel(saved[1])
+    err = capsys.readouterr().err
+    assert err.count("[redacted]") >= 3, err
+    for text in (file_key, json.dumps(file_key)[1:-1], env_key, env_key.upper()):
+        assert text not in err, err
