@@ -397,9 +397,10 @@ async def _existing_store(settings: Settings) -> SQLStore:
 
     url = settings.resolved_database_url()
     try:
-        return await open_store(settings)
+        return await open_store(settings, migrate=False)  # an audit writes nothing
     except ScenemintError as exc:
-        typer.echo(f"error: cannot open the database {_shown_url(url)}: {exc.detail}", err=True)
+        why = exc.detail.removeprefix("cannot open the database: ")
+        typer.echo(f"error: cannot open the database {_shown_url(url)}: {why}", err=True)
         raise typer.Exit(2) from None
 
 

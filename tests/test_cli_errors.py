@@ -8,12 +8,16 @@ import contextlib
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
+import time
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+
+POSTGRES_URL = os.environ.get("SCENEMINT_TEST_POSTGRES_URL", "").strip()
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -218,3 +222,26 @@ def test_docs_assets_must_hold_swagger_ui(tmp_path):
         " swagger-ui-bundle.js and swagger-ui.css (the dist/ files of the npm package"
         " swagger-ui-dist)"
     ]
+
+
+def test_an_audit_of_a_file_that_is_not_the_ledger_writes_nothing_into_it(tmp_path):
+    empty = tmp_path / "empty.sqlite3"
+    empty.touch()
+    done = scenemint("audit", "credits", cwd=tmp_path, SCENEMINT_DATABASE_URL=f"sqlite:///{empty}")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.strip().endswith(
+        "it holds no SceneMint ledger: is it the server's database?"
+    )
+    with sqlite3.connect(empty) as db:
+        assert db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone() == (0,)
+
+
+@pytest.mark.skipif(not POSTGRES_URL, reason="needs SCENEMINT_TEST_POSTGRES_URL")
+def test_an_audit_of_a_postgresql_database_that_does_not_exist_says_so_at_once(tmp_path):
+    missing = POSTGRES_URL.rsplit("/", 1)[0] + "/scenemint_no_such_database"
+    started = time.monotonic()
+    done = scenemint("audit", "credits", cwd=tmp_path, SCENEMINT_DATABASE_URL=missing)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr.splitlines()[-1].startswith(f"error: cannot open the database {missing}:")
+    assert "does not exist" in done.stderr and "Traceback" not in done.stderr
+    assert time.monotonic() - started < 8

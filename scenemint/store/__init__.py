@@ -37,6 +37,7 @@ __all__ = [
 ]
 
 
-async def open_store(settings: Settings) -> SQLStore:
-    """The store named by the settings: PostgreSQL by URL, else SQLite in the data directory."""
-    return await SQLStore.open(settings.resolved_database_url(), tz=settings.tz)
+async def open_store(settings: Settings, *, migrate: bool = True) -> SQLStore:
+    """The store named by the settings: PostgreSQL by URL, else SQLite in the data directory
+    (`migrate=False`: as it is, refused unless its schema is this version's)."""
+    return await SQLStore.open(settings.resolved_database_url(), tz=settings.tz, migrate=migrate)

@@ -185,6 +185,9 @@ class _PostgresBackend(_Backend):
         self.unavailable = (psycopg.Error, PoolTimeout)
         self.rejected = (psycopg.DataError, UnicodeError, ValueError)
         self.unique_violation = psycopg.errors.UniqueViolation
+        # one plain connection first: a wrong database name, user or host is said at once,
+        # in the server's words, instead of by a pool that retries it until its timeout
+        psycopg.connect(url, autocommit=True, connect_timeout=5).close()
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -358,8 +361,15 @@ class SQLStore:
 
     @classmethod
     async def open(
-        cls, url: str, *, tz: dt.tzinfo = dt.UTC, clock: Callable[[], float] | None = None
+        cls,
+        url: str,
+        *,
+        tz: dt.tzinfo = dt.UTC,
+        clock: Callable[[], float] | None = None,
+        migrate: bool = True,
     ) -> SQLStore:
+        """Open the store, bringing its schema up to date; with `migrate=False` (an audit,
+        which never writes) a database whose schema is not this version's is refused."""
         try:
             backend = await asyncio.to_thread(backend_for, url)
         except ValueError:
@@ -367,7 +377,11 @@ class SQLStore:
         except Exception as exc:
             raise StoreUnavailable(detail=f"cannot open the database: {_describe(exc)}") from exc
         store = cls(backend, tz=tz, clock=clock)
-        await store._call(store._migrate)
+        try:
+            await store._call(store._migrate if migrate else store._check_schema)
+        except BaseException:
+            await store.close()
+            raise
         await store._check_clock()
         return store
 
@@ -480,6 +494,32 @@ class SQLStore:
                     version,
                     self._clock(),
                 )
+
+    def _check_schema(self) -> None:
+        """The schema is this version's, or StoreRejected saying what the database holds."""
+        latest = max(version for version, _ in migrations_for(self.dialect))
+
+        def first(tx: Tx, sql: str) -> Any:
+            row = tx.one(sql)
+            return row[0] if row is not None else None
+
+        with self._backend.transaction(write=False) as tx:
+            if self.dialect == "postgresql":
+                exists = first(tx, "SELECT to_regclass('schema_migrations') IS NOT NULL")
+            else:
+                exists = first(
+                    tx,
+                    "SELECT COUNT(*) FROM sqlite_master"
+                    " WHERE type = 'table' AND name = 'schema_migrations'",
+                )
+            found = first(tx, "SELECT MAX(version) FROM schema_migrations") if exists else None
+        if not found:
+            raise StoreRejected(detail="it holds no SceneMint ledger: is it the server's database?")
+        if int(found) != latest:
+            raise StoreRejected(
+                detail=f"its schema is version {found}, this scenemint's is {latest}: audit it"
+                " with the scenemint version the server runs (or let the server migrate it)"
+            )
 
     async def schema_version(self) -> int:
         row = await self._call(
