@@ -280,9 +280,9 @@ def test_an_empty_id_answers_missing_like_any_id_that_is_not_ours(service, upstr
 @pytest.mark.parametrize(
     ("path", "allow"),
     [
-        (f"/api/images/tasks/{uuid.uuid4()}", "GET"),
+        (f"/api/images/tasks/{uuid.uuid4()}", "GET, HEAD"),
         (f"/api/images/tasks/{uuid.uuid4()}/image", "GET, HEAD"),
-        (f"/api/images/tasks/{uuid.uuid4()}/events", "GET"),
+        (f"/api/images/tasks/{uuid.uuid4()}/events", "GET, HEAD"),
     ],
 )
 def test_the_wrong_method_on_a_task_route_is_405_saying_what_is_allowed(service, path, allow):
@@ -291,6 +291,29 @@ def test_the_wrong_method_on_a_task_route_is_405_saying_what_is_allowed(service,
         assert answer.status_code == 405
         assert answer.json()["error"] == "method_not_allowed"
         assert answer.headers["allow"] == allow
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "task", "events"])
+def test_head_answers_what_a_get_would_without_a_body(service, upstream, path):
+    """RFC 9110: a server that supports GET on a resource supports HEAD on it too."""
+    check_in(service)
+    task = generate(service)
+    url = {
+        "task": f"/api/images/tasks/{task['id']}",
+        "events": f"/api/images/tasks/{task['id']}/events",
+    }
+    path = url.get(path, path)
+    head = service.http.head(path)
+    assert head.status_code in (200, 503) and head.content == b""
+    if path.endswith("/events"):
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
+        return
+    get = service.http.get(path)
+    assert head.status_code == get.status_code
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if "tasks" in path:
+        assert int(head.headers["content-length"]) == len(get.content)
 
 
 def test_an_upper_case_spelling_of_our_id_is_not_sent_upstream(service, upstream):

@@ -56,10 +56,10 @@ class TaskRoutes:
                 rest = path[len(PREFIX) :]
                 method = scope["method"]
                 if "/" not in rest:
-                    if method == "GET":
+                    if method in ("GET", "HEAD"):
                         await self._poll(scope, send, rest)
                     else:
-                        await self._not_allowed(scope, send, "GET")
+                        await self._not_allowed(scope, send, "GET, HEAD")
                     return
                 if rest.endswith(_IMAGE) and "/" not in rest[: -len(_IMAGE)]:
                     if method in ("GET", "HEAD"):
@@ -70,8 +70,17 @@ class TaskRoutes:
                 if rest.endswith(_EVENTS) and "/" not in rest[: -len(_EVENTS)]:
                     if method == "GET":
                         await self._events(scope, receive, send, rest[: -len(_EVENTS)])
+                    elif method == "HEAD":  # what a GET's head would be; no stream
+                        await send(
+                            {
+                                "type": "http.response.start",
+                                "status": 200,
+                                "headers": _EVENT_HEADERS,
+                            }
+                        )
+                        await send({"type": "http.response.body", "body": b""})
                     else:
-                        await self._not_allowed(scope, send, "GET")
+                        await self._not_allowed(scope, send, "GET, HEAD")
                     return
         await self.app(scope, receive, send)
 
@@ -89,7 +98,9 @@ class TaskRoutes:
             return
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )
 
     # -- the image ----------------------------------------------------------------------------
 

@@ -95,18 +95,18 @@ async def quota_check_in(request: Request, service: ServiceDep) -> Response:
     return ok(status.to_json())
 
 
-@router.get("/healthz", include_in_schema=False)
+@router.api_route("/healthz", methods=["GET", "HEAD"], include_in_schema=False)
 async def healthz() -> Response:
     return ok({"status": "alive"})
 
 
-@router.get("/readyz", include_in_schema=False)
+@router.api_route("/readyz", methods=["GET", "HEAD"], include_in_schema=False)
 async def readyz(service: ServiceDep) -> Response:
     """Ready when the database and the data directory accept a write and the upstream answers
     a task listing with our key; the body says whether chat (enhancement) is available."""
     return ok(await service.ready())
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.api_route("/metrics", methods=["GET", "HEAD"], include_in_schema=False)
 async def metrics(service: ServiceDep) -> Response:
     return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
