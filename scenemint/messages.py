@@ -8,7 +8,7 @@ from __future__ import annotations
 MESSAGES: dict[str, tuple[str, str]] = {
     # code: (English, 简体中文)
     "bad_request": ("The request is not valid.", "请求无效。"),
-    "invalid_json": ("The body is not valid JSON.", "请求体不是有效的 JSON。"),
+    "invalid_json": ("The body must be a JSON object.", "请求体必须是一个 JSON 对象。"),
     "invalid_form": ("The form data is not valid.", "表单数据无效。"),
     "unsupported_media_type": (
         "Send JSON or multipart/form-data.",
