@@ -154,8 +154,13 @@ class Reconciler:
             if isinstance(step, Resubmit):
                 result.resubmitted += await self._start_resubmission(row)
                 continue
-            if not (isinstance(step, Decision) and step.state in FINISHED):
-                step = self._aged(row) or step  # still unfinished upstream: is it too old?
+            # still unfinished upstream: is it too old? (one the upstream finished is not:
+            # its image is copied, `fetching`, under the fetch deadline instead)
+            done_upstream = isinstance(step, Decision) and (
+                step.state in FINISHED or step.state is State.FETCHING
+            )
+            if not done_upstream:
+                step = self._aged(row) or step
             await self._settle(row, step, result)
 
     def _aged(self, row: LedgerTask) -> Step:

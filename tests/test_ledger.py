@@ -107,6 +107,23 @@ def test_task_unfinished_after_max_age_is_declared_failed_and_refunded(tmp_path,
         assert row.state == "failed" and row.error_code == "timed_out"
 
 
+def test_a_task_the_upstream_finished_is_copied_not_refunded_past_the_age_limit(
+    tmp_path, upstream, logs
+):
+    """The age limit is for tasks still unfinished upstream: one whose listing says it is
+    done (found by the settlement machine: the first listing after the limit saw it done)
+    gets its image, whenever that listing comes."""
+    with running_service(make_settings(tmp_path, upstream, task_max_age=0.3)) as running:
+        check_in(running)
+        task = generate(running)
+        upstream.set_task(task["id"], status="running")
+        time.sleep(0.4)
+        upstream.complete_task(task["id"])
+        reconcile(running)
+        wait_until(lambda: ledger(running, task["id"]).state == "completed", what="the copy")
+        assert balance(running) == 9
+
+
 def test_the_age_limit_applies_whatever_the_listing_does(tmp_path, upstream, logs):
     """A task whose listing always fails is still failed and refunded at the age limit."""
     with running_service(make_settings(tmp_path, upstream, task_max_age=0.3)) as running:
