@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,10 +93,10 @@ class StatusLine:
     one plain line per status change, so that logs show the progress too.
     """
 
-    def __init__(self, console: Console, task: Task) -> None:
+    def __init__(self, console: Console, task_id: str, status: str) -> None:
         self._console = console
-        self._label = task.id[:8]
-        self._state: str = task.status
+        self._label = task_id[:8]
+        self._state = status
         self._started = time.monotonic()
         self._spinner: Status | None = None
 
@@ -193,7 +193,7 @@ def generate(
         if no_wait:
             typer.echo(_json(submitted.to_json()) if as_json else submitted.id)
             return
-        _finish(client, submitted, output, as_json, timeout, poll_interval)
+        _finish(client, submitted.id, submitted, output, as_json, timeout, poll_interval)
 
 
 def wait(
@@ -209,44 +209,52 @@ def wait(
     """Wait for a task (live status as `generate` shows it) and write its image to a file."""
     with _reported(server=server), Client(server) as client:
         _check_task_id(task_id)
-        _finish(client, client.task(task_id), output, as_json, timeout, poll_interval)
+        # no first look of its own: wait() rides out what a lone request would not
+        _finish(client, task_id, None, output, as_json, timeout, poll_interval)
+
+
+_TASK_ID = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
 
 
 def _check_task_id(task_id: str) -> None:
-    """Task ids are UUIDs (as `generate` prints them): anything else is a typing mistake."""
-    try:
-        uuid.UUID(task_id)
-    except ValueError:
+    """Task ids are UUIDs in their hyphenated form, as `generate` prints them (the server
+    knows no other spelling): anything else is a typing mistake."""
+    if not _TASK_ID.fullmatch(task_id):
         raise InvalidInputError(
             f"{task_id!r} is not a task id (a task id looks like"
             " 0f74000f-3c1e-4b5a-9d6e-2a1b3c4d5e6f, as `generate --no-wait` prints it)",
             code="bad_task_id",
-        ) from None
+        )
 
 
 def _finish(
     client: Client,
-    task: Task,
+    task_id: str,
+    submitted: Task | None,
     output: Path | None,
     as_json: bool,
     timeout: float,
     poll_interval: float,
 ) -> None:
-    """Wait for `task` with the status line, then write its image (or say why it failed)."""
-    with StatusLine(Console(stderr=True), task) as status:
+    """Wait for the task with the status line, then write its image (or say why it failed).
+    `submitted` is the generate answer, when this command made the task."""
+    first = submitted.status if submitted is not None else "waiting"
+    with StatusLine(Console(stderr=True), task_id, first) as status:
         final = client.wait(
-            task.id, timeout=timeout, poll_interval=poll_interval, on_update=status.update
+            task_id, timeout=timeout, poll_interval=poll_interval, on_update=status.update
         )
-    # the polled task does not repeat what only the submission answer knew
-    final = dataclasses.replace(
-        final,
-        prompt=final.prompt or task.prompt,
-        remaining_credits=task.remaining_credits,
-    )
+    if submitted is not None:  # the polled task does not repeat what only that answer knew
+        final = dataclasses.replace(
+            final,
+            prompt=final.prompt or submitted.prompt,
+            remaining_credits=submitted.remaining_credits,
+        )
     if final.status == "failed":
         if as_json:
             data = final.to_json()
-            if task.remaining_credits is not None:
+            if final.remaining_credits is not None:
                 # the credit came back since the submission answer: say what it is now
                 data["remainingCredits"] = client.quota().balance
             typer.echo(_json(data))

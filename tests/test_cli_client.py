@@ -282,7 +282,39 @@ def test_wait_for_an_id_that_is_not_a_task_says_so(cli, service):
     )
 
 
-@pytest.mark.parametrize("task_id", ["abc", "../x", "0f74000f"])
+def test_wait_rides_out_an_upstream_that_is_down_when_it_starts(cli, service, upstream):
+    """`scenemint wait` makes no first request of its own that could fail it: the wait's
+    own polls ride out the upstream's 502s until the task finishes."""
+    from tests.test_events import Front
+
+    check_in(service)
+    task_id = service.http.post(
+        "/api/images/generate", json={"prompt": "a fox", "fingerprint": FINGERPRINT}
+    ).json()["data"]["id"]
+    upstream.complete_task(task_id)
+    front = Front(service.url, "down-first")
+    try:
+        result = cli(
+            "wait", task_id, "--poll-interval", "0.05", "--timeout", "20",
+            server=front.url, fingerprint=None,
+        )  # fmt: skip
+    finally:
+        front.close()
+    assert result.exit_code == 0, result.stderr
+    assert front.polls >= 4
+
+
+@pytest.mark.parametrize(
+    "task_id",
+    [
+        "abc",
+        "../x",
+        "0f74000f",
+        "{00000000-0000-4000-8000-000000000000}",
+        "urn:uuid:00000000-0000-4000-8000-000000000000",
+        "00000000000040008000000000000000",
+    ],
+)
 def test_wait_for_something_that_is_not_a_task_id_is_invalid_input(cli, service, task_id):
     result = cli("wait", task_id, fingerprint=None)
     assert result.exit_code == 2

@@ -299,6 +299,7 @@ class Front:
         app = web.Application()
         app.router.add_get("/api/images/tasks/{id}", self._poll)
         app.router.add_get("/api/images/tasks/{id}/events", self._events)
+        app.router.add_get("/api/images/tasks/{id}/image", self._image)
         self._loop = asyncio.new_event_loop()
         self._closing = asyncio.Event()
         self._runner = web.AppRunner(app, shutdown_timeout=0.1)
@@ -323,6 +324,9 @@ class Front:
         self.polls += 1
         if self.mode == "slow":  # a poll that hangs (an upstream that does not answer)
             await self._closing.wait()
+        if self.mode == "down-first" and self.polls <= 3:  # the upstream down at first
+            body = {"code": -1, "message": "upstream down", "error": "upstream_failed"}
+            return web.json_response(body, status=502)
         if self.mode == "flaky" and 2 <= self.polls <= 6:  # a restart, an upstream outage
             failure = FLAKY[self.polls - 2]
             if failure is None:  # the server went away mid-answer
@@ -335,10 +339,22 @@ class Front:
             answer = await client.get(f"{self.target}/api/images/tasks/{request.match_info['id']}")
         return web.Response(body=answer.content, content_type="application/json")
 
+    async def _image(self, request: Any) -> Any:
+        from aiohttp import web
+
+        async with httpx.AsyncClient() as client:
+            path = f"/api/images/tasks/{request.match_info['id']}/image"
+            answer = await client.get(self.target + path)
+        return web.Response(
+            body=answer.content,
+            status=answer.status_code,
+            content_type=answer.headers["content-type"].split(";")[0],
+        )
+
     async def _events(self, request: Any) -> Any:
         from aiohttp import web
 
-        if self.mode in ("old", "flaky", "slow"):
+        if self.mode in ("old", "flaky", "slow", "down-first"):
             body = {"code": -1, "message": "Not found.", "error": "not_found"}
             return web.json_response(body, status=404)
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
