@@ -474,3 +474,37 @@ def test_every_upstreams_key_is_redacted_from_every_log_line_however_encoded(
     assert err.count("[redacted]") >= 3, err
     for text in (file_key, json.dumps(file_key)[1:-1], env_key, env_key.upper()):
         assert text not in err, err
+
+
+def test_a_key_with_a_quote_or_backslash_is_found_however_json_escapes_it():
+    from scenemint.upstream.secrets import KeyRedactor
+
+    key = 'sk-Quote"Back\\slash-0123'
+    redactor = KeyRedactor([key])
+    body = json.dumps({"error": {"message": f"bad credentials: Bearer {key}"}})
+    # as an upstream sends it, with `/` escaped too, cut short (no longer JSON)
+    for text in (body, body.replace("/", "\\/"), body[:-2]):
+        shown = redactor.redact(text)
+        assert key not in shown and json.dumps(key)[1:-1] not in shown, shown
+        assert "[redacted]" in shown
+
+
+def test_an_upstream_echoing_a_key_with_a_quote_leaks_it_nowhere(tmp_path, logs):
+    """The review's case: an upstream that answers 500 with our Authorization header in its
+    JSON error body, for a key holding `"` and `\\`."""
+    from tests.fake_upstream import FakeUpstream
+
+    key = 'sk-Quote"Back\\slash-0123'
+    with FakeUpstream(api_key=key) as upstream:
+        body = json.dumps({"error": {"message": f"bad credentials: Bearer {key}"}})
+        upstream.fail(GENERATIONS, status=500, body=body)
+        with running_service(make_settings(tmp_path, upstream, submit_attempts=1)) as running:
+            check_in(running)
+            answer = running.http.post(
+                "/api/images/generate", json={"prompt": "a fox", "fingerprint": FINGERPRINT}
+            )
+            readyz = running.http.get("/readyz")
+    seen = answer.text + readyz.text + logs.text()
+    assert "[redacted]" in logs.text()
+    for spelling in (key, json.dumps(key)[1:-1]):
+        assert spelling not in seen

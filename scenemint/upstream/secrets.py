@@ -22,7 +22,11 @@ class KeyRedactor:
     """Redaction of one or more secret keys (several upstreams, each with its own)."""
 
     def __init__(self, keys: Iterable[str]) -> None:
-        unique = sorted({key for key in keys if key}, key=len, reverse=True)
+        # each key as written and as JSON writes it inside a string (a `"` or `\\` in a key
+        # is escaped there: in an error body, a JSON log line, a re-encoded frame)
+        unique = sorted(
+            {form for key in keys if key for form in _spellings(key)}, key=len, reverse=True
+        )
         self._keys = unique
         # one alternation, longest first: the leftmost match is the longest key there
         self._pattern = (
@@ -86,6 +90,10 @@ class KeyRedactor:
             if len(self._begins) < _CACHED_CHARS:
                 self._begins[char] = known
         return known
+
+
+def _spellings(key: str) -> set[str]:
+    return {key, json.dumps(key)[1:-1], json.dumps(key, ensure_ascii=False)[1:-1]}
 
 
 def _unescaped(text: str) -> str:
