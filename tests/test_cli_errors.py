@@ -232,8 +232,19 @@ def test_an_audit_of_a_file_that_is_not_the_ledger_writes_nothing_into_it(tmp_pa
     assert done.stderr.strip().endswith(
         "it holds no SceneMint ledger: is it the server's database?"
     )
-    with sqlite3.connect(empty) as db:
-        assert db.execute("SELECT COUNT(*) FROM sqlite_master").fetchone() == (0,)
+    assert empty.stat().st_size == 0  # not even made a WAL database
+
+
+def test_an_audit_of_a_foreign_database_changes_not_a_byte_of_it(tmp_path):
+    foreign = tmp_path / "foreign.sqlite3"
+    with sqlite3.connect(foreign) as db:
+        db.execute("CREATE TABLE t (x INTEGER)")
+    db.close()
+    before = foreign.read_bytes()
+    url = f"sqlite:///{foreign}"
+    done = scenemint("audit", "credits", cwd=tmp_path, SCENEMINT_DATABASE_URL=url)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert foreign.read_bytes() == before
 
 
 @pytest.mark.skipif(not POSTGRES_URL, reason="needs SCENEMINT_TEST_POSTGRES_URL")

@@ -131,17 +131,26 @@ class _SQLiteBackend(_Backend):
     rejected = (sqlite3.DataError, UnicodeError, ValueError)
     unique_violation = sqlite3.IntegrityError
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, *, read_only: bool = False) -> None:
+        if not read_only:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
+        self._read_only = read_only  # an audit: the file is opened so that nothing is written
         self._conn: sqlite3.Connection | None = None
         self._lock = threading.Lock()
 
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
-            conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
+            if self._read_only:
+                target = f"{self._path.absolute().as_uri()}?mode=ro"
+                conn = sqlite3.connect(
+                    target, uri=True, isolation_level=None, check_same_thread=False
+                )
+            else:
+                conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA busy_timeout = 10000")
-            conn.execute("PRAGMA journal_mode = WAL")
+            if not self._read_only:
+                conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA foreign_keys = ON")
             self._conn = conn
         return self._conn
@@ -329,9 +338,11 @@ class _GroupCommit:
                 job.done = True
 
 
-def backend_for(url: str) -> _Backend:
+def backend_for(url: str, *, read_only: bool = False) -> _Backend:
+    """The backend of `url`; `read_only` (an audit) opens a SQLite file so that nothing is
+    written to it (PostgreSQL: the audit's statements only read)."""
     if url.startswith("sqlite:///"):
-        return _SQLiteBackend(Path(url[len("sqlite:///") :]))
+        return _SQLiteBackend(Path(url[len("sqlite:///") :]), read_only=read_only)
     if url.startswith(("postgresql://", "postgres://", "postgresql+psycopg://")):
         return _PostgresBackend(url.replace("postgresql+psycopg://", "postgresql://", 1))
     raise ValueError("database URL must start with sqlite:/// or postgresql://")
@@ -371,7 +382,7 @@ class SQLStore:
         """Open the store, bringing its schema up to date; with `migrate=False` (an audit,
         which never writes) a database whose schema is not this version's is refused."""
         try:
-            backend = await asyncio.to_thread(backend_for, url)
+            backend = await asyncio.to_thread(backend_for, url, read_only=not migrate)
         except ValueError:
             raise
         except Exception as exc:
