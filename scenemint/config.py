@@ -354,9 +354,7 @@ class Settings(BaseSettings):
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is not None:
-            root = upstream_root(value)
-            if root is None or not root.startswith(("http://", "https://")):
-                raise ValueError("must be an http(s) URL such as http://127.0.0.1:3200")
+            check_upstream_url(value)
         return value
 
     @field_validator("upstream_api_key")
@@ -461,6 +459,21 @@ class SettingsError(Exception):
 
 
 DATABASE_SCHEMES = ("sqlite:///", "postgresql://", "postgres://", "postgresql+psycopg://")
+
+
+def check_upstream_url(value: str) -> None:
+    """An upstream's base URL: http(s), a host, a port that exists; ValueError otherwise."""
+    root = upstream_root(value)
+    problem = "must be an http(s) URL such as http://127.0.0.1:3200"
+    if root is None or not root.startswith(("http://", "https://")):
+        raise ValueError(problem)
+    try:
+        parts = urlsplit(root)
+        parts.port  # noqa: B018 - raises on a port out of range
+    except ValueError:
+        raise ValueError(problem) from None
+    if not parts.hostname:
+        raise ValueError(problem)
 
 
 def key_problem(key: str) -> str | None:

@@ -76,6 +76,12 @@ def scenemint(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[
             " must be an http(s) URL such as http://127.0.0.1:3200",
         ),
         (
+            "CHATGPT2API_BASE_URL",
+            "http://127.0.0.1:99999",
+            "error: CHATGPT2API_BASE_URL='http://127.0.0.1:99999' is not valid:"
+            " must be an http(s) URL such as http://127.0.0.1:3200",
+        ),
+        (
             "SCENEMINT_DATABASE_URL",
             "mysql://u:secret@h/db",  # may hold a password: not repeated
             "error: SCENEMINT_DATABASE_URL=(hidden) is not valid:"

@@ -29,7 +29,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
-from ..config import DEFAULT_OPENAI_SIZES, image_origin, key_problem, openai_size, upstream_root
+from ..config import (
+    DEFAULT_OPENAI_SIZES,
+    check_upstream_url,
+    image_origin,
+    key_problem,
+    openai_size,
+    upstream_root,
+)
 
 if TYPE_CHECKING:
     from ..config import Settings
@@ -75,9 +82,7 @@ class UpstreamConfig(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
-        root = upstream_root(value)
-        if root is None or not root.startswith(("http://", "https://")):
-            raise ValueError("must be an http(s) URL such as http://127.0.0.1:3200")
+        check_upstream_url(value)
         return value.strip()
 
     @field_validator("api_key")
