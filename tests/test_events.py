@@ -264,14 +264,21 @@ def test_the_python_client_waits_on_events(service, upstream):
         upstream.complete_task(task["id"])
         waiting.join(10)
     assert seen == ["completed"]
-    requests = [
-        line
-        for line in service.service.metrics.render().decode().splitlines()
-        if line.startswith("scenemint_http_requests_total{")
-    ]
-    polls = [line for line in requests if 'route="/api/images/tasks/{id}"' in line]
-    followed = [line for line in requests if 'route="/api/images/tasks/{id}/events"' in line]
-    assert polls == [] and len(followed) == 1 and followed[0].endswith(" 1.0"), requests
+
+    def requests() -> list[str]:
+        rendered = service.service.metrics.render().decode().splitlines()
+        return [line for line in rendered if line.startswith("scenemint_http_requests_total{")]
+
+    def followed() -> list[str]:
+        return [line for line in requests() if 'route="/api/images/tasks/{id}/events"' in line]
+
+    # a stream is counted when the server has ended it, which may be just after the client
+    # has its last event
+    deadline = time.monotonic() + 5
+    while not followed() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    polls = [line for line in requests() if 'route="/api/images/tasks/{id}"' in line]
+    assert polls == [] and len(followed()) == 1 and followed()[0].endswith(" 1.0"), requests()
 
 
 # the answers of the "flaky" front's polls 2 to 6 (None: the connection closed, no answer)
