@@ -130,6 +130,7 @@ def serve(
     except UpstreamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
+    _open_database_once(settings)
     _raise_open_files_limit()
     if workers > 1 and demo:
         raise typer.BadParameter(
@@ -354,6 +355,26 @@ def images_audit(
 
     if not asyncio.run(run()):
         raise typer.Exit(1)
+
+
+def _open_database_once(settings: Settings) -> None:
+    """Open the database (and bring its schema up to date) once before serving: one that
+    cannot be opened is one line and exit 1, not a traceback from the server's start-up
+    (and `--workers N` start on a schema that is already there)."""
+    from .errors import ScenemintError
+    from .store import open_store
+
+    async def probe() -> None:
+        store = await open_store(settings)
+        await store.close()
+
+    try:
+        asyncio.run(probe())
+    except ScenemintError as exc:
+        why = exc.detail.removeprefix("cannot open the database: ") or exc.code
+        shown = _shown_url(settings.resolved_database_url())
+        typer.echo(f"error: cannot open the database {shown}: {why}", err=True)
+        raise typer.Exit(1) from None
 
 
 def _say_database(settings: Settings) -> None:

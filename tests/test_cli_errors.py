@@ -262,3 +262,15 @@ def test_an_audit_of_a_postgresql_database_that_does_not_exist_says_so_at_once(t
     assert done.stderr.splitlines()[-1].startswith(f"error: cannot open the database {missing}:")
     assert "does not exist" in done.stderr and "Traceback" not in done.stderr
     assert time.monotonic() - started < 8
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["postgresql://someone:secret-pw@127.0.0.1:1/db", "sqlite:////proc/no/such/dir/x.sqlite3"],
+)
+def test_a_database_that_cannot_be_opened_stops_serve_with_one_line(tmp_path, url):
+    done = scenemint("serve", "--port", "0", cwd=tmp_path, SCENEMINT_DATABASE_URL=url)
+    assert done.returncode == 1, done.stderr
+    line = done.stderr.splitlines()[-1]
+    assert line.startswith("error: cannot open the database "), done.stderr
+    assert "Traceback" not in done.stderr and "secret-pw" not in done.stderr
