@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +23,7 @@ from rich.status import Status
 
 from .client import Client, ClientError, InvalidInputError, NoCreditsError, Task
 from .client._base import DEFAULT_SERVER
+from .models import is_task_id
 
 ServerOption = Annotated[
     str,
@@ -213,15 +213,10 @@ def wait(
         _finish(client, task_id, None, output, as_json, timeout, poll_interval)
 
 
-_TASK_ID = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-
-
 def _check_task_id(task_id: str) -> None:
     """Task ids are UUIDs in their hyphenated form, as `generate` prints them (the server
     knows no other spelling): anything else is a typing mistake."""
-    if not _TASK_ID.fullmatch(task_id):
+    if not is_task_id(task_id):
         raise InvalidInputError(
             f"{task_id!r} is not a task id (a task id looks like"
             " 0f74000f-3c1e-4b5a-9d6e-2a1b3c4d5e6f, as `generate --no-wait` prints it)",

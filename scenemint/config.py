@@ -360,11 +360,7 @@ class Settings(BaseSettings):
     @field_validator("upstream_api_key")
     @classmethod
     def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            problem = key_problem(value.get_secret_value())
-            if problem is not None:
-                raise ValueError(problem)
-        return value
+        return check_key(value)
 
     @field_validator("database_url")
     @classmethod
@@ -476,12 +472,14 @@ def check_upstream_url(value: str) -> None:
         raise ValueError(problem)
 
 
-def key_problem(key: str) -> str | None:
-    """Why an upstream key cannot be sent in an HTTP header, or None. Surrounding
+def check_key(key: SecretStr | None) -> SecretStr | None:
+    """An upstream key that can be sent in an HTTP header; ValueError otherwise. Surrounding
     whitespace is dropped where the key is used; inside it, only printable ASCII."""
-    if any(not ("!" <= char <= "~") for char in key.strip()):
-        return "must be printable ASCII without spaces or line breaks (it is sent in a header)"
-    return None
+    if key is not None and any(not ("!" <= c <= "~") for c in key.get_secret_value().strip()):
+        raise ValueError(
+            "must be printable ASCII without spaces or line breaks (it is sent in a header)"
+        )
+    return key
 
 
 def load_settings(**values: object) -> Settings:

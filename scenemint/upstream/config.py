@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from ..config import (
     DEFAULT_OPENAI_SIZES,
+    check_key,
     check_upstream_url,
     image_origin,
-    key_problem,
     openai_size,
     upstream_root,
 )
@@ -88,11 +88,7 @@ class UpstreamConfig(BaseModel):
     @field_validator("api_key")
     @classmethod
     def _usable_key(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None:
-            problem = key_problem(value.get_secret_value())
-            if problem is not None:
-                raise ValueError(problem)
-        return value
+        return check_key(value)
 
     @field_validator("api_key_env")
     @classmethod
